@@ -1,0 +1,200 @@
+"""Submit a run's stages: all at once as dependent SLURM jobs, or one after another locally.
+
+Relaunching is idempotent: tasks whose DONE marker exists are skipped, tasks whose job is still
+queued or running are left alone (their job ids become the dependencies of what is submitted
+now), and failed or cancelled tasks are submitted again with their dependants rewired.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs import records
+from jobs.config import ExperimentConfig, config_differences, load_run_config, resolve_config, save_config
+from jobs.stages import STAGES, Stage, StageJob, is_task_done, stage_tasks
+from pipeline.layout import RunLayout
+from slurm import queue, submit
+from slurm.resources import SlurmResources
+
+EXECUTORS = ("auto", "slurm", "local")
+
+
+def choose_executor(executor: str) -> str:
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if executor == "auto":
+        return "slurm" if submit.sbatch_available() else "local"
+    if executor == "slurm" and not submit.sbatch_available():
+        raise ValueError("--executor slurm: `sbatch` is not on the PATH; run from a cluster login node or use "
+                         "--executor local")
+    return executor
+
+
+def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str],
+                write: bool = True) -> tuple[ExperimentConfig, RunLayout]:
+    """Resolve the config of a new run, or load (and check) the stored config of an existing one.
+
+    Nothing is written before the whole config validated, so a bad value leaves no run directory.
+    """
+    layout = RunLayout(run_dir)
+    if layout.config.is_file():
+        cfg = load_run_config(layout.root)
+        if preset or config_file or sets:
+            base = None if preset or config_file else dataclasses.asdict(cfg)
+            wanted = resolve_config(preset, config_file, sets, base=base)
+            changed = config_differences(cfg, wanted)
+            if changed:
+                raise ValueError(f"{layout.config} already holds this run's config and the new options change "
+                                 f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}; relaunch with no "
+                                 "config options to continue the run, or use a new --run-dir")
+        return cfg, layout
+    if preset is None and config_file is None:
+        raise ValueError(f"{layout.root} is not a run directory yet: give --preset (tiny, gpt2-large) and/or --config")
+    cfg = resolve_config(preset, config_file, sets)
+    if write:
+        save_config(cfg, layout)
+    return cfg, layout
+
+
+def stage_resources(cfg: ExperimentConfig, stage: Stage) -> SlurmResources:
+    resources = getattr(cfg.slurm, stage.resources)
+    if stage.name == "pairs_merge":  # joining JSONL files needs no GPU
+        return dataclasses.replace(resources, nodes=1, gpus_per_node=0)
+    return resources
+
+
+# ------------------------------------------------------------------ local: one stage after another
+LOCAL_UNITS = [("sft", [None]), ("pairs", [None]), ("dpo", "betas"), ("eval", [None])]
+
+
+def run_local(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[str]:
+    """Run each stage as a submitit LocalExecutor job (a real subprocess), waiting for each.
+
+    Locally the shards run in one job (no array scheduler to spread them) and merge at its end.
+    Returns the units that ran (done ones are skipped).
+    """
+    ran = []
+    for stage, tasks in LOCAL_UNITS:
+        if tasks == "betas":
+            tasks = stage_tasks(STAGES[3], cfg)
+        for task in tasks:
+            done = layout.is_done("pairs") if stage == "pairs" else is_task_done(layout, stage, task)
+            label = stage if task is None else f"{stage}[{task}]"
+            if done:
+                log(f"{label:>14}: done, skipped")
+                continue
+            folder = layout.jobs / "local" / stage
+            executor = submit.make_executor("local", folder, getattr(cfg.slurm, stage), f"{cfg.name}-{stage}")
+            job = executor.submit(StageJob(layout.root, stage, task))
+            records.append(layout, records.Submission(stage, str(job.job_id), {records.task_key(task): str(job.job_id)},
+                                                      "local", str(folder)))
+            log(f"{label:>14}: running as local job {job.job_id} (logs: {job.paths.stdout})")
+            try:
+                job.result()
+            except Exception as exc:  # submitit re-raises the job's failure with its traceback
+                raise RuntimeError(f"stage {label} failed; full log: {job.paths.stderr}\n{exc}") from None
+            ran.append(label)
+    return ran
+
+
+# ------------------------------------------------------------------ SLURM: the whole graph at once
+@dataclass
+class PlannedJob:
+    stage: Stage
+    tasks: list[str | None]
+    resources: SlurmResources
+    depends_on: list[str] = field(default_factory=list)   # job ids, or "<stage>" placeholders in a plan
+
+
+def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None) -> tuple[list[PlannedJob], dict[str, list[str]]]:
+    """What to submit now: per stage, the tasks neither done nor queued/running.
+
+    Returns the planned jobs and, per stage, the ids of still-active jobs that dependants must wait for.
+    """
+    latest = records.latest(layout)
+    states = states or {}
+    active: dict[str, list[str]] = {}
+    planned: list[PlannedJob] = []
+    for stage in STAGES:
+        todo = []
+        for task in stage_tasks(stage, cfg):
+            if is_task_done(layout, stage.name, task):
+                continue
+            entry = latest.get((stage.name, records.task_key(task)))
+            record = states.get(entry[1]) if entry else None
+            if record is not None and record.state in queue.ACTIVE_STATES:
+                active.setdefault(stage.name, []).append(entry[1])
+                continue
+            todo.append(task)
+        if todo:
+            deps = [job for upstream in stage.after for job in active.get(upstream, [])]
+            deps += [f"<{upstream}>" for upstream in stage.after if any(p.stage.name == upstream for p in planned)]
+            planned.append(PlannedJob(stage, todo, stage_resources(cfg, stage), deps))
+    return planned, active
+
+
+def _job_name(cfg: ExperimentConfig, stage: Stage) -> str:
+    return f"{cfg.name}-{stage.name}"
+
+
+def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJob]) -> str:
+    parts = []
+    for job in planned:
+        array = len(job.tasks) if job.stage.tasks else None
+        script = submit.render_sbatch(job.resources, layout.jobs / job.stage.name, _job_name(cfg, job.stage),
+                                      array_size=array, dependencies=job.depends_on)
+        tasks = "" if not job.stage.tasks else f" tasks {', '.join(map(str, job.tasks))}"
+        parts.append(f"# ---- stage {job.stage.name}{tasks}\n{script}")
+    return "\n".join(parts)
+
+
+def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[records.Submission]:
+    """Submit every stage that is not done or active, wired with afterok dependencies; returns at once."""
+    known = [job_id for _, job_id in records.latest(layout).values()]
+    states = queue.query_jobs(known) if known else {}
+    planned, _ = plan_slurm(cfg, layout, states)
+    submitted: dict[str, str] = {}
+    made = []
+    for job in planned:
+        deps = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.depends_on]
+        folder = layout.jobs / job.stage.name
+        executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps)
+        calls = [StageJob(layout.root, job.stage.name, task) for task in job.tasks]
+        if job.stage.tasks:
+            with executor.batch():
+                handles = [executor.submit(call) for call in calls]
+            parent = handles[0].job_id.split("_")[0]
+        else:
+            handles = [executor.submit(calls[0])]
+            parent = handles[0].job_id
+        submission = records.Submission(job.stage.name, parent,
+                                        {records.task_key(t): h.job_id for t, h in zip(job.tasks, handles)},
+                                        "slurm", str(folder))
+        records.append(layout, submission)
+        submitted[job.stage.name] = parent
+        made.append(submission)
+        after = f" after {','.join(deps)}" if deps else ""
+        log(f"{job.stage.name:>12}: submitted job {parent}{' (' + str(len(handles)) + ' tasks)' if job.stage.tasks else ''}{after}")
+    if not made:
+        log("nothing to submit: every stage is done or already queued/running")
+    return made
+
+
+def launch(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str], executor: str,
+           dry_run: bool = False, log=print) -> int:
+    kind = choose_executor(executor)
+    cfg, layout = prepare_run(run_dir, preset, config_file, sets, write=not dry_run)
+    if dry_run:
+        planned, _ = plan_slurm(cfg, layout)
+        log(render_plan(cfg, layout, planned) if planned else "nothing to submit")
+        return 0
+    log(f"run directory: {layout.root} (executor: {kind})")
+    if kind == "local":
+        run_local(cfg, layout, log=log)
+        log(f"done: {layout.frontier_csv}")
+    else:
+        submit_slurm(cfg, layout, log=log)
+        log(f"watch it: {Path(sys.argv[0]).name} status --run-dir {layout.root} --watch")
+    return 0

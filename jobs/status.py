@@ -1,0 +1,170 @@
+"""Queue monitoring for a run: `status`, `logs` and `cancel`.
+
+One row per stage / array task, joining three sources: the job records (which job ran what),
+one batched `sacct` call (SLURM state, node, elapsed, requeues) and the stages' own progress
+files (step, total steps, restarts, last checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from jobs import records
+from jobs.config import load_run_config
+from jobs.stages import STAGES, is_task_done, stage_tasks
+from pipeline.layout import RunLayout, read_json
+from slurm import queue, submit
+
+TERMINAL_OK = "COMPLETED"
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _progress(layout: RunLayout, stage: str, task: str | None) -> dict:
+    if stage == "pairs":
+        return {"step": int(is_task_done(layout, stage, task)), "total_steps": 1}
+    if stage == "pairs_merge":
+        return {"step": int(layout.is_done("pairs")), "total_steps": 1}
+    return read_json(layout.progress_path(stage, task), {}) or {}
+
+
+def _eta_s(progress: dict, state: str) -> float | None:
+    step, total = progress.get("step"), progress.get("total_steps")
+    started, first = progress.get("attempt_started_at"), progress.get("attempt_start_step", 0)
+    if state != "RUNNING" or not (step and total and started) or step <= first:
+        return None
+    rate = (time.time() - started) / (step - first)
+    return round(rate * (total - step), 1)
+
+
+def collect_rows(run_dir: str | Path) -> list[dict]:
+    layout = RunLayout(run_dir)
+    cfg = load_run_config(layout.root)
+    latest = records.latest(layout)
+    submissions = records.attempts(layout)
+    slurm_ids = [job_id for sub, job_id in latest.values() if sub.executor == "slurm"]
+    states = queue.query_jobs(slurm_ids) if slurm_ids else {}
+    rows = []
+    for stage in STAGES:
+        for task in stage_tasks(stage, cfg):
+            key = (stage.name, records.task_key(task))
+            entry = latest.get(key)
+            done = is_task_done(layout, stage.name, task)
+            job_id = entry[1] if entry else None
+            record = states.get(job_id) if job_id else None
+            if record is not None:
+                state = record.state
+            elif entry is not None and entry[0].executor == "local":
+                state = TERMINAL_OK if done else ("RUNNING" if _pid_alive(job_id) else "FAILED")
+            else:
+                state = TERMINAL_OK if done else ("NOT_SUBMITTED" if entry is None else "UNKNOWN")
+            progress = _progress(layout, stage.name, task)
+            restarts = progress.get("restarts", [])
+            rows.append({
+                "stage": stage.name,
+                "task": task,
+                "job_id": job_id,
+                "state": state,
+                "done": done,
+                "node": record.node if record else None,
+                "elapsed_s": record.elapsed_s if record else None,
+                "step": progress.get("step"),
+                "total_steps": progress.get("total_steps"),
+                "restarts": max(len(restarts), record.restarts if record else 0),
+                "resumed_from": [r["resumed_from_step"] for r in restarts],
+                "lost_steps": sum(max(0, r["step_before"] - r["resumed_from_step"]) for r in restarts),
+                "last_checkpoint": progress.get("last_checkpoint"),
+                "eta_s": _eta_s(progress, state),
+                "submissions": submissions.get(key, 0),
+            })
+    return rows
+
+
+def _fmt_seconds(value) -> str:
+    if value is None:
+        return "-"
+    value = int(value)
+    return f"{value // 3600}:{value % 3600 // 60:02d}:{value % 60:02d}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["STAGE", "TASK", "JOB", "STATE", "NODE", "ELAPSED", "STEP", "RESTARTS", "LOST", "CHECKPOINT", "ETA"]
+    lines = [header]
+    for r in rows:
+        step = "-" if r["step"] is None else f"{r['step']}/{r['total_steps'] or '?'}"
+        restarts = str(r["restarts"]) + (f" (from {','.join(map(str, r['resumed_from']))})" if r["resumed_from"] else "")
+        lines.append([r["stage"], r["task"] or "-", r["job_id"] or "-", r["state"], r["node"] or "-",
+                      _fmt_seconds(r["elapsed_s"]), step, restarts, str(r["lost_steps"]), r["last_checkpoint"] or "-",
+                      _fmt_seconds(r["eta_s"])])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def finished(rows: list[dict]) -> bool:
+    return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] in ("FAILED", "NOT_SUBMITTED")
+               for r in rows)
+
+
+def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0) -> int:
+    while True:
+        rows = collect_rows(run_dir)
+        if as_json:
+            print(json.dumps(rows, indent=2))
+        else:
+            if watch:
+                print("\033[2J\033[H", end="")
+            print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
+            print(format_table(rows))
+        if not watch or finished(rows):
+            return 0
+        time.sleep(interval)
+
+
+def cancel_run(run_dir: str) -> int:
+    layout = RunLayout(run_dir)
+    latest = records.latest(layout)
+    slurm_ids = sorted({job_id for sub, job_id in latest.values() if sub.executor == "slurm"})
+    states = queue.query_jobs(slurm_ids) if slurm_ids else {}
+    active = [job_id for job_id in slurm_ids if states.get(job_id) and states[job_id].state in queue.ACTIVE_STATES]
+    if active:
+        queue.cancel_jobs(active)
+    for sub, job_id in latest.values():
+        if sub.executor == "local" and _pid_alive(job_id):
+            os.kill(int(job_id), 15)
+            active.append(job_id)
+    print(f"cancelled {len(active)} job(s): {' '.join(active)}" if active else "no queued or running jobs")
+    return 0
+
+
+def show_logs(run_dir: str, stage: str, task: str | None, stderr: bool = False, lines: int = 60,
+              follow: bool = False) -> int:
+    layout = RunLayout(run_dir)
+    entry = records.latest(layout).get((stage, records.task_key(task)))
+    if entry is None:
+        known = sorted(f"{s}{'[' + t + ']' if t else ''}" for s, t in records.latest(layout))
+        raise ValueError(f"no job recorded for {stage}{'[' + task + ']' if task else ''}; "
+                         f"recorded: {', '.join(known) or 'none (was the run submitted?)'}")
+    submission, job_id = entry
+    stdout_path, stderr_path = submit.job_log_paths(Path(submission.folder), job_id)
+    path = stderr_path if stderr else stdout_path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist yet (job {job_id} may still be pending)")
+    with open(path, errors="replace") as handle:
+        content = handle.read().splitlines()
+        print(f"==> {path} <==")
+        print("\n".join(content[-lines:] if lines else content))
+        while follow:
+            line = handle.readline()
+            if line:
+                print(line, end="")
+            else:
+                time.sleep(1)
+    return 0

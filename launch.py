@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""slurm-dpo: SFT -> preference pairs -> DPO beta sweep -> reward-vs-KL eval, as SLURM jobs.
+
+  python launch.py run --preset tiny --run-dir runs/tiny          # whole pipeline
+  python launch.py status --run-dir runs/tiny --watch              # queue + training progress
+  python launch.py logs dpo --task 0.1 --run-dir runs/tiny         # a job's output
+  python launch.py cancel --run-dir runs/tiny                      # cancel the run's jobs
+  python launch.py config --preset gpt2-large --set dpo.betas=[0.1] # print the resolved config
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_RUN_DIR = "runs/{name}"
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=["tiny", "gpt2-large"],
+                        help="starting configuration: tiny (CPU, minutes, offline) or gpt2-large (the seed experiment)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file layered over the preset")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one field, repeatable, e.g. --set dpo.betas=[0.1] --set slurm.dpo.time=02:00:00")
+
+
+def _run_dir_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--run-dir", required=required, metavar="DIR",
+                        help="the run directory (config, data, checkpoints, results, job records)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="submit (or continue) a run: every stage that is not done or queued",
+                         description="Submit every stage that is not done, queued or running. On SLURM all stages "
+                                     "are submitted at once with afterok dependencies and the command returns; "
+                                     "locally they run one after another. Re-running is safe and does no repeated work.")
+    _config_args(run)
+    _run_dir_arg(run)
+    run.add_argument("--executor", default="auto", choices=["auto", "slurm", "local"],
+                     help="auto: SLURM when `sbatch` is on the PATH, else local subprocess jobs")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every sbatch script that would be submitted; submit and write nothing")
+
+    resume = sub.add_parser("resume", help="continue a run after a failure or kill: resubmit what is not done")
+    _run_dir_arg(resume, required=True)
+    resume.add_argument("--executor", default="auto", choices=["auto", "slurm", "local"], help="as for run")
+
+    status = sub.add_parser("status", help="one row per stage / array task: state, step, restarts, ETA")
+    _run_dir_arg(status, required=True)
+    status.add_argument("--watch", action="store_true", help="refresh until every stage is finished")
+    status.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch")
+    status.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
+
+    cancel = sub.add_parser("cancel", help="cancel every queued or running job of the run")
+    _run_dir_arg(cancel, required=True)
+
+    logs = sub.add_parser("logs", help="print a stage job's stdout/stderr")
+    logs.add_argument("stage", help="sft, pairs, pairs_merge, dpo or eval")
+    logs.add_argument("--task", help="array task: a beta for dpo (e.g. 0.1), a shard number for pairs")
+    _run_dir_arg(logs, required=True)
+    logs.add_argument("--stderr", action="store_true", help="show stderr instead of stdout")
+    logs.add_argument("--lines", type=int, default=60, help="show the last N lines (0 = all)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+
+    config = sub.add_parser("config", help="print the resolved config (or every field's help with --fields)")
+    _config_args(config)
+    config.add_argument("--fields", action="store_true", help="list every field with its help and default")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("run", "resume"):
+            from jobs.launcher import launch
+
+            run_dir = args.run_dir
+            if args.command == "run" and run_dir is None:
+                from jobs.config import resolve_config
+
+                run_dir = DEFAULT_RUN_DIR.format(name=resolve_config(args.preset, args.config, args.sets).name)
+            if args.command == "resume":
+                return launch(run_dir, None, None, [], args.executor)
+            return launch(run_dir, args.preset, args.config, args.sets, args.executor, dry_run=args.dry_run)
+        if args.command == "status":
+            from jobs.status import show_status
+
+            return show_status(args.run_dir, watch=args.watch, as_json=args.json, interval=args.interval)
+        if args.command == "cancel":
+            from jobs.status import cancel_run
+
+            return cancel_run(args.run_dir)
+        if args.command == "logs":
+            from jobs.status import show_logs
+
+            return show_logs(args.run_dir, args.stage, args.task, stderr=args.stderr, lines=args.lines,
+                             follow=args.follow)
+        if args.command == "config":
+            from jobs.config import ExperimentConfig, config_to_yaml, resolve_config
+            from pipeline.configlib import field_help
+
+            if args.fields:
+                for name, text, default in field_help(ExperimentConfig):
+                    print(f"{name:<32} {text} [default: {default!r}]")
+                return 0
+            print(config_to_yaml(resolve_config(args.preset, args.config, args.sets)), end="")
+            return 0
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The ML configuration of a run: one dataclass per stage plus run-level settings.
+
+Every field has a one-line help (shown by `launch.py config`); `__post_init__` rejects bad values
+with a message naming the field and the fix. Presets are dicts layered over the defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.configlib import deep_merge, doc
+
+SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("Policy model: a hub id (gpt2-large), a local directory, or 'tiny' (a small GPT-2 "
+                    "built from the fields below with a tokenizer trained on the corpus).", "gpt2-large")
+    dtype: str = doc("Weights dtype for training and sampling: auto (bf16 on GPUs that support it, "
+                     "else float32), float32, bfloat16, float16.", "auto")
+    n_layer: int = doc("tiny only: transformer layers.", 2)
+    n_embd: int = doc("tiny only: hidden size.", 128)
+    n_head: int = doc("tiny only: attention heads.", 4)
+    n_positions: int = doc("tiny only: context length.", 128)
+    vocab_size: int = doc("tiny only: size of the byte-level BPE trained on the corpus.", 1300)
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name", "must not be empty; use a hub id, a directory or 'tiny'")
+        _check(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for field in ("n_layer", "n_embd", "n_head", "n_positions"):
+            _check(getattr(self, field) >= 1, f"model.{field}", "must be >= 1")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}")
+        _check(self.vocab_size >= 300, "model.vocab_size", "must be >= 300 (256 bytes + merges + specials)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = doc("Review corpus: a hub id (stanfordnlp/imdb), a local .parquet/.jsonl/.csv file or "
+                       "directory with a text column, or 'tiny' (generated offline from data.seed).",
+                       "stanfordnlp/imdb")
+    text_field: str = doc("Column holding the review text.", "text")
+    train_split: str = doc("Split used for SFT.", "train")
+    prompt_split: str = doc("Held-out split the pair and eval prompts are cut from.", "test")
+    max_train_examples: int | None = doc("Cap on SFT examples (null = the whole split).", None)
+    tiny_reviews: int = doc("tiny only: reviews per split in the generated corpus.", 2000)
+    prompt_min_tokens: int = doc("Shortest prompt, in tokens (DPO paper: 2).", 2)
+    prompt_max_tokens: int = doc("Longest prompt, in tokens (DPO paper: 8).", 8)
+
+    def __post_init__(self):
+        _check(bool(self.dataset), "data.dataset", "must not be empty; use a hub id, a local file or 'tiny'")
+        _check(self.tiny_reviews >= 10, "data.tiny_reviews", "must be >= 10")
+        _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, "data.prompt_min_tokens",
+               "must satisfy 1 <= prompt_min_tokens <= prompt_max_tokens")
+        if self.max_train_examples is not None:
+            _check(self.max_train_examples >= 1, "data.max_train_examples", "must be >= 1 or null")
+
+
+@dataclass
+class RewardConfig:
+    kind: str = doc("Reward model: 'classifier' (a transformers sentiment classifier) or 'vader' "
+                    "(lexicon-based, offline).", "classifier")
+    model: str = doc("Classifier hub id or directory (kind=classifier).", "siebert/sentiment-roberta-large-english")
+    positive_label: str = doc("Classifier label whose probability is the reward.", "POSITIVE")
+    batch_size: int = doc("Texts per classifier batch.", 64)
+    max_length: int = doc("Classifier truncation length, in tokens.", 512)
+
+    def __post_init__(self):
+        _check(self.kind in ("classifier", "vader"), "reward.kind", f"{self.kind!r} is not 'classifier' or 'vader'")
+        _check(self.batch_size >= 1, "reward.batch_size", "must be >= 1")
+        _check(self.max_length >= 8, "reward.max_length", "must be >= 8")
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by the SFT and DPO trainers."""
+    epochs: float = doc("Training epochs over the stage's data.", 1.0)
+    learning_rate: float = doc("Peak learning rate (seed: 2e-5).", 2e-5)
+    lr_scheduler: str = doc("transformers scheduler name (linear, cosine, constant, ...).", "linear")
+    warmup_ratio: float = doc("Fraction of steps used for linear warm-up.", 0.0)
+    batch_size: int = doc("Per-device batch size (sequences for SFT, pairs for DPO).", 8)
+    grad_accum: int = doc("Gradient accumulation steps.", 1)
+    max_length: int = doc("Truncation length in tokens (prompt + completion for DPO).", 1024)
+    save_steps: int = doc("Save a checkpoint every N optimizer steps.", 500)
+    logging_steps: int = doc("Log metrics every N steps.", 10)
+    gradient_checkpointing: bool = doc("Recompute activations to save memory (slower).", False)
+
+    def _check_train(self, section: str):
+        _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
+        _check(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0, e.g. 2e-5")
+        _check(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
+        for field in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            _check(getattr(self, field) >= 1, f"{section}.{field}", "must be >= 1")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    def __post_init__(self):
+        self._check_train("sft")
+
+
+@dataclass
+class PairsConfig:
+    num_prompts: int = doc("Prompts sampled for preference pairs (seed: 1000).", 1000)
+    completions_per_prompt: int = doc("Completions sampled per prompt; every pair of them is a "
+                                      "preference pair (4 -> 6 pairs).", 4)
+    max_new_tokens: int = doc("Completion length cap, in tokens.", 128)
+    temperature: float = doc("Sampling temperature.", 1.0)
+    top_k: int = doc("Top-k sampling (0 = off).", 0)
+    top_p: float = doc("Nucleus sampling (1.0 = off).", 1.0)
+    batch_size: int = doc("Prompts per generation batch.", 64)
+    num_shards: int = doc("Prompt shards; on SLURM each shard is one array task.", 4)
+
+    def __post_init__(self):
+        _check(self.num_prompts >= 1, "pairs.num_prompts", "must be >= 1")
+        _check(self.completions_per_prompt >= 2, "pairs.completions_per_prompt", "must be >= 2 to form a pair")
+        _check(self.max_new_tokens >= 1, "pairs.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "pairs.temperature", "must be > 0")
+        _check(self.top_k >= 0, "pairs.top_k", "must be >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, "pairs.top_p", "must be in (0, 1]")
+        _check(self.batch_size >= 1, "pairs.batch_size", "must be >= 1")
+        _check(1 <= self.num_shards <= self.num_prompts, "pairs.num_shards", "must be in [1, pairs.num_prompts]")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    betas: list[float] = doc("KL strengths to sweep; one independent DPO run (one array task) per beta.",
+                             factory=lambda: [0.05, 0.1, 1.0])
+    loss_type: str = doc("TRL DPO loss (sigmoid = the DPO paper).", "sigmoid")
+    save_steps: int = doc("Save a checkpoint every N optimizer steps (each is evaluated).", 100)
+    max_length: int = doc("Truncation length of prompt + completion, in tokens.", 512)
+    precompute_ref_log_probs: bool = doc("Compute reference log-probs once before training instead of "
+                                         "keeping a live reference model.", False)
+
+    def __post_init__(self):
+        self._check_train("dpo")
+        _check(len(self.betas) >= 1, "dpo.betas", "must list at least one beta, e.g. [0.1]")
+        for i, beta in enumerate(self.betas):
+            _check(beta > 0, f"dpo.betas[{i}]", f"beta={beta} must be > 0 (it scales the implicit KL penalty)")
+        _check(len(set(self.betas)) == len(self.betas), "dpo.betas", "contains duplicates")
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = doc("Held-out eval prompts (disjoint from pair prompts); the seed's three prompts "
+                           "are always included.", 100)
+    samples_per_prompt: int = doc("Completions sampled per prompt for reward and KL.", 4)
+    max_new_tokens: int = doc("Completion length cap, in tokens.", 128)
+    temperature: float = doc("Sampling temperature (KL is measured for this sampler).", 1.0)
+    batch_size: int = doc("Sequences per generation / scoring batch.", 64)
+    fixed_prompts: list[str] = doc("Prompts always evaluated and shown in the report.",
+                                   factory=lambda: list(SEED_EVAL_PROMPTS))
+
+    def __post_init__(self):
+        _check(self.num_prompts >= len(self.fixed_prompts), "eval.num_prompts",
+               f"must be >= the {len(self.fixed_prompts)} fixed prompts")
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = doc("Log SFT and DPO training to Weights & Biases.", False)
+    mode: str = doc("offline (default: compute nodes rarely have internet; `wandb sync` later) or online.",
+                    "offline")
+    project: str = doc("wandb project.", "slurm-dpo")
+    entity: str | None = doc("wandb entity (team); null = your default.", None)
+
+    def __post_init__(self):
+        _check(self.mode in ("offline", "online", "disabled"), "wandb.mode",
+               f"{self.mode!r} is not offline, online or disabled")
+
+
+@dataclass
+class PipelineConfig:
+    name: str = doc("Run name (used for wandb runs and job names).", "dpo")
+    seed: int = doc("Seed for data order, sampling and initialisation.", 0)
+    device: str = doc("auto (cuda when available), cpu or cuda.", "auto")
+    num_threads: int | None = doc("torch CPU threads per process (null = torch default).", None)
+    model: ModelConfig = doc("Policy model.", factory=ModelConfig)
+    data: DataConfig = doc("Review corpus and prompts.", factory=DataConfig)
+    reward: RewardConfig = doc("Sentiment reward.", factory=RewardConfig)
+    sft: SFTConfig = doc("Supervised fine-tuning stage.", factory=SFTConfig)
+    pairs: PairsConfig = doc("Preference-pair stage.", factory=PairsConfig)
+    dpo: DPOConfig = doc("DPO stage (one run per beta).", factory=DPOConfig)
+    eval: EvalConfig = doc("Reward-vs-KL evaluation stage.", factory=EvalConfig)
+    wandb: WandbConfig = doc("Experiment tracking.", factory=WandbConfig)
+
+    def __post_init__(self):
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
+        if self.num_threads is not None:
+            _check(self.num_threads >= 1, "num_threads", "must be >= 1 or null")
+        _check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
+               f"{self.name!r}: use letters, digits, '-' and '_' only")
+
+
+# The seed experiment (dpo-report.md, section 6): GPT-2 Large, IMDb, siebert reward, lr 2e-5, one epoch.
+GPT2_LARGE = {
+    "name": "gpt2-large-imdb",
+    "model": {"name": "gpt2-large"},
+    "data": {"dataset": "stanfordnlp/imdb"},
+    "reward": {"kind": "classifier"},
+    "sft": {"epochs": 1.0, "learning_rate": 2e-5, "batch_size": 8, "save_steps": 500, "max_length": 1024},
+    "pairs": {"num_prompts": 1000, "completions_per_prompt": 4, "max_new_tokens": 128, "num_shards": 4},
+    "dpo": {"betas": [0.05, 0.1, 1.0], "learning_rate": 2e-5, "epochs": 1.0, "batch_size": 8,
+            "save_steps": 100, "max_length": 512},
+    "eval": {"num_prompts": 100, "samples_per_prompt": 4, "max_new_tokens": 128},
+    "wandb": {"enabled": True, "mode": "offline"},
+}
+
+# CPU-sized: the same stages on a generated corpus, a 2-layer GPT-2 and VADER; minutes on 2 cores.
+TINY = {
+    "name": "tiny",
+    "device": "cpu",
+    "model": {"name": "tiny", "dtype": "float32"},
+    "data": {"dataset": "tiny", "tiny_reviews": 2000},
+    "reward": {"kind": "vader", "batch_size": 256},
+    "sft": {"epochs": 3.0, "learning_rate": 3e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+            "batch_size": 32, "max_length": 128, "save_steps": 100, "logging_steps": 20},
+    "pairs": {"num_prompts": 200, "completions_per_prompt": 4, "max_new_tokens": 40,
+              "batch_size": 100, "num_shards": 2},
+    "dpo": {"betas": [0.05, 0.1, 1.0], "learning_rate": 3e-4, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 16,
+            "save_steps": 25, "max_length": 64, "logging_steps": 5},
+    "eval": {"num_prompts": 48, "samples_per_prompt": 4, "max_new_tokens": 40, "batch_size": 192},
+}
+
+PRESETS = {"tiny": TINY, "gpt2-large": GPT2_LARGE}
+
+
+def preset_overrides(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
+    return deep_merge({}, PRESETS[name])

@@ -1,0 +1,91 @@
+"""Review data: the real IMDb loader, the offline tiny corpus, and prompt extraction."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.corpus import make_corpus
+
+LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
+    """Texts of one split. `cfg.dataset` is 'tiny', a local file/directory, or a hub id."""
+    if cfg.dataset == "tiny":
+        offset = {"train": 0, "test": 1}.get(split, 2)  # disjoint streams per split
+        return [row["text"] for row in make_corpus(cfg.tiny_reviews, seed * 1000 + offset)]
+    import datasets
+
+    path = Path(cfg.dataset)
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS)
+        if not files:
+            raise ValueError(f"data.dataset: {path} holds no .parquet/.jsonl/.csv files")
+        builder = LOCAL_FORMATS.get(files[0].suffix)
+        if builder is None:
+            raise ValueError(f"data.dataset: {path.suffix!r} is not one of {', '.join(LOCAL_FORMATS)}")
+        # A single local file or a flat directory has one split; files named after splits are used as such.
+        named = {p.stem.split("-")[0]: p for p in files}
+        chosen = [named[split]] if split in named else files
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in chosen], split="train")
+    else:
+        dataset = datasets.load_dataset(cfg.dataset, split=split)
+    if cfg.text_field not in dataset.column_names:
+        raise ValueError(f"data.text_field: column {cfg.text_field!r} not in {dataset.column_names}")
+    return [t for t in dataset[cfg.text_field] if t and t.strip()]
+
+
+def validate_dataset_source(cfg: DataConfig) -> None:
+    """Fail before any job is submitted if a local dataset path is missing."""
+    looks_local = cfg.dataset.startswith(("/", "./", "../", "~")) or Path(cfg.dataset).suffix in LOCAL_FORMATS
+    if cfg.dataset != "tiny" and looks_local and not Path(cfg.dataset).expanduser().exists():
+        raise ValueError(f"data.dataset: {cfg.dataset} does not exist; give an existing .parquet/.jsonl/.csv "
+                         "file or directory, a hub id such as stanfordnlp/imdb, or 'tiny'")
+
+
+def clean_review(text: str) -> str:
+    return " ".join(text.replace("<br />", " ").replace("<br/>", " ").split())
+
+
+def cut_prompt(text: str, tokenizer, n_tokens: int) -> str | None:
+    """The longest whole-word prefix of `text` with at most `n_tokens` tokens (>= 1 word).
+
+    Ending on a word boundary matters: completions then start with a space and TRL's
+    re-tokenisation of prompt + completion keeps the boundary token.
+    """
+    words = clean_review(text).split(" ")
+    prompt = None
+    for i in range(1, len(words) + 1):
+        candidate = " ".join(words[:i])
+        if len(tokenizer(candidate)["input_ids"]) > n_tokens:
+            break
+        prompt = candidate
+    return prompt
+
+
+def make_prompts(texts: list[str], tokenizer, cfg: DataConfig, n_pairs: int, n_eval: int,
+                 fixed_eval: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """Disjoint pair and eval prompts from held-out reviews; eval prompts start with `fixed_eval`."""
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    seen = set(fixed_eval)
+    pair_prompts: list[str] = []
+    eval_prompts: list[str] = list(fixed_eval)
+    for index in order:
+        if len(pair_prompts) >= n_pairs and len(eval_prompts) >= n_eval:
+            break
+        prompt = cut_prompt(texts[index], tokenizer, rng.randint(cfg.prompt_min_tokens, cfg.prompt_max_tokens))
+        if not prompt or prompt in seen:
+            continue
+        seen.add(prompt)
+        if len(pair_prompts) < n_pairs:
+            pair_prompts.append(prompt)
+        elif len(eval_prompts) < n_eval:
+            eval_prompts.append(prompt)
+    if len(pair_prompts) < n_pairs or len(eval_prompts) < n_eval:
+        raise ValueError(f"data: only {len(pair_prompts)} pair / {len(eval_prompts)} eval distinct prompts could be "
+                         f"cut from {len(texts)} reviews; lower pairs.num_prompts/eval.num_prompts, raise "
+                         "data.prompt_max_tokens or use a larger corpus")
+    return pair_prompts, eval_prompts

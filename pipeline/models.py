@@ -1,0 +1,91 @@
+"""Model and tokenizer loading; the tiny GPT-2 + locally trained BPE for offline runs."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.layout import atomic_replace_dir
+
+EOS = "<|endoftext|>"
+
+
+def setup_process(cfg: PipelineConfig) -> None:
+    """Per-process determinism and CPU threading, before any model work."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
+    seed_everything(cfg.seed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: PipelineConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no GPU; use --set device=cpu or run on a GPU node")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def build_tiny_base(cfg: ModelConfig, texts: list[str], out_dir: Path, seed: int) -> Path:
+    """Train a byte-level BPE on `texts` and save it with a freshly initialised GPT-2 to `out_dir`.
+
+    Saved with `save_pretrained`, so later stages load it exactly like a hub model.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=2, special_tokens=[EOS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                        pad_token=EOS, padding_side="left", model_max_length=cfg.n_positions)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def load_tokenizer(path_or_name: str | Path):
+    """Left padding (generation) and a pad token (GPT-2 has none; EOS serves)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path_or_name), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path_or_name: str | Path, device: torch.device, dtype: torch.dtype, train: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path_or_name), dtype=dtype)
+    model.to(device)
+    model.train(train)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model

@@ -1,0 +1,58 @@
+"""Progress files that `launch.py status` reads while a stage runs.
+
+One small JSON per stage (or beta / shard loop): step, total steps, last complete checkpoint and
+restart history. Writes are throttled and atomic so polling never sees half a file.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipeline.layout import atomic_write_json, read_json
+
+
+class ProgressFile:
+    def __init__(self, path: Path, min_interval_s: float = 2.0):
+        self.path = Path(path)
+        self.min_interval_s = min_interval_s
+        self._last_write = 0.0
+        previous = read_json(self.path, {}) or {}
+        self.state: dict = {
+            "step": previous.get("step", 0),
+            "total_steps": previous.get("total_steps"),
+            "last_checkpoint": previous.get("last_checkpoint"),
+            "restarts": previous.get("restarts", []),
+            "status": "running",
+        }
+
+    def start(self, resumed_from_step: int | None) -> None:
+        """Record a (re)start; a start after the first is a restart, with the step it resumed from."""
+        if self.path.exists():
+            self.state["restarts"].append({
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "step_before": self.state.get("step", 0),
+                "resumed_from_step": resumed_from_step or 0,
+                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            })
+        self.state["status"] = "running"
+        # for the ETA: steps of this attempt over its wall time
+        self.state["attempt_started_at"] = time.time()
+        self.state["attempt_start_step"] = resumed_from_step or 0
+        self.write(force=True)
+
+    @property
+    def lost_steps(self) -> int:
+        """Steps computed twice because a restart resumed from before where the last attempt stopped."""
+        return sum(max(0, r["step_before"] - r["resumed_from_step"]) for r in self.state["restarts"])
+
+    def update(self, force: bool = False, **fields) -> None:
+        self.state.update(fields)
+        self.write(force=force)
+
+    def write(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_write < self.min_interval_s:
+            return
+        self._last_write = now
+        atomic_write_json(self.path, {**self.state, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})

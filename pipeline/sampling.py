@@ -1,0 +1,112 @@
+"""Batched sampling and sequence log-probabilities (for rewards and KL to the reference)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    prompt: str
+    completion: str
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with EOS when the model stopped by itself
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int, max_new_tokens: int,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
+                       seed: int = 0, progress=None) -> list[list[Sample]]:
+    """`num_samples` completions for each prompt (plain ancestral sampling by default).
+
+    Returns one list per prompt. Seeded per batch, so a shard's output does not depend on which
+    other shards ran in the same process.
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    flat = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
+    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    results: list[list[Sample]] = [[] for _ in prompts]
+    for batch_index, start in enumerate(range(0, len(flat), batch_size)):
+        batch = flat[start:start + batch_size]
+        ids, mask = _left_pad([encoded[p] for p, _ in batch], tokenizer.pad_token_id, device)
+        torch.manual_seed(seed * 100003 + batch_index)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=eos)
+        generated = out[:, ids.shape[1]:].tolist()
+        for (p, _), tokens in zip(batch, generated):
+            if eos in tokens:
+                tokens = tokens[:tokens.index(eos) + 1]
+            text = tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+            results[p].append(Sample(prompts[p], text, encoded[p], tokens))
+        if progress is not None:
+            progress.update(len(batch))
+    return results
+
+
+def _padded_batch(samples: list[Sample], pad_id: int, device):
+    """Left-padded prompt+completion ids, attention mask, explicit positions and a completion mask."""
+    sequences = [s.prompt_ids + s.completion_ids for s in samples]
+    ids, mask = _left_pad(sequences, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    completion_mask = torch.zeros_like(mask)
+    width = ids.shape[1]
+    for row, s in enumerate(samples):
+        if s.completion_ids:
+            completion_mask[row, width - len(s.completion_ids):] = 1
+    return ids, mask, positions, completion_mask
+
+
+@torch.inference_mode()
+def completion_logprobs(model, samples: list[Sample], pad_id: int, *, temperature: float = 1.0,
+                        batch_size: int = 64, ref_model=None) -> dict[str, torch.Tensor]:
+    """Per-sample sums over completion tokens, on the CPU, float64.
+
+    Returns `logp` = sum_t log pi(y_t | x, y_<t). With `ref_model`, also `ref_logp` and
+    `kl_tokenwise` = sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)) (the exact per-step KL along
+    the sampled trajectory: same expectation as logp - ref_logp, lower variance).
+    """
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {"logp": [], "ref_logp": [], "kl_tokenwise": []}
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        ids, mask, positions, completion_mask = _padded_batch(batch, pad_id, device)
+        target = ids[:, 1:]
+        weight = completion_mask[:, 1:].to(torch.float64)
+
+        def token_logprobs(m):
+            logits = m(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+            return torch.log_softmax(logits / temperature, dim=-1)
+
+        logprobs = token_logprobs(model)
+        picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
+        out["logp"].append((picked * weight).sum(-1).cpu())
+        if ref_model is not None:
+            ref_logprobs = token_logprobs(ref_model)
+            ref_picked = ref_logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
+            out["ref_logp"].append((ref_picked * weight).sum(-1).cpu())
+            step_kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1).double()
+            out["kl_tokenwise"].append((step_kl * weight).sum(-1).cpu())
+    return {key: torch.cat(values) for key, values in out.items() if values}
+
+
+def sequence_kl(policy_logp: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    """Monte-Carlo KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)] from samples of pi."""
+    return float((policy_logp - ref_logp).mean())

@@ -1,0 +1,56 @@
+"""Stage 3: DPO (TRL DPOTrainer) for one beta; the sweep is one independent call per beta.
+
+Policy and reference both start from the SFT model (as in the seed report).
+"""
+from __future__ import annotations
+
+import time
+
+from pipeline.config import PipelineConfig
+from pipeline.configlib import to_dict
+from pipeline.layout import RunLayout, beta_tag, read_json, read_jsonl, write_manifest
+from pipeline.progress import ProgressFile
+
+
+def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
+    tag = beta_tag(beta)
+    if beta not in cfg.dpo.betas:
+        raise ValueError(f"dpo: beta={beta} is not in dpo.betas={cfg.dpo.betas}")
+    if layout.is_done("dpo", tag):
+        return read_json(layout.done_path("dpo", tag))
+    if not layout.is_done("pairs"):
+        raise RuntimeError(f"dpo: {layout.done_path('pairs')} is missing; run the pairs stage first")
+    started = time.time()
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
+    from pipeline.training import (CheckpointAndProgress, configure_wandb, latest_checkpoint, save_final,
+                                   train_metrics, trainer_kwargs)
+
+    setup_process(cfg)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg.model, device)
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in read_jsonl(layout.pairs_file)]
+    tokenizer = load_tokenizer(layout.sft_model)
+    model = load_model(layout.sft_model, device, dtype, train=True)
+    ref_model = None if cfg.dpo.precompute_ref_log_probs else load_model(layout.sft_model, device, dtype)
+    stage_dir = layout.stage_dir("dpo", tag)
+    report_to = configure_wandb(cfg, layout.wandb, f"dpo-beta{tag}", stage_dir / "wandb_run.json")
+    args = DPOConfig(**trainer_kwargs(cfg, cfg.dpo, layout.checkpoints_dir("dpo", tag), device, dtype, report_to),
+                     beta=beta, loss_type=[cfg.dpo.loss_type],
+                     precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
+    progress = ProgressFile(layout.progress_path("dpo", tag))
+    resume = latest_checkpoint(layout.checkpoints_dir("dpo", tag))
+    progress.start(resume[0] if resume else None)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
+                         processing_class=tokenizer, callbacks=[CheckpointAndProgress(progress)])
+    trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    save_final(trainer, tokenizer, layout.dpo_final(tag))
+    metrics = train_metrics(trainer, ("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss"))
+    progress.update(force=True, status="done", step=trainer.state.global_step)
+    return write_manifest(layout.done_path("dpo", tag), config=to_dict(cfg), started=started,
+                          inputs={"sft_model": str(layout.sft_model), "pairs": str(layout.pairs_file),
+                                  "num_pairs": len(pairs)},
+                          metrics=metrics, extra={"beta": beta, "restarts": progress.state["restarts"],
+                                                  "lost_steps": progress.lost_steps})

@@ -1,0 +1,48 @@
+# Shared settings for start.sh / stop.sh / smoke.sh (sourced, not executed).
+# Everything can be overridden from the environment.
+
+SLURM_DPO_CLUSTER="${SLURM_DPO_CLUSTER:-slurmdpo}"        # accounting cluster name
+SLURM_DPO_STATE="${SLURM_DPO_STATE:-/var/lib/slurm-dpo}"  # mysql datadir, ctld/slurmd state, fake GPUs
+SLURM_DPO_LOG="${SLURM_DPO_LOG:-/var/log/slurm-dpo}"      # one log per daemon
+SLURM_DPO_RUN="${SLURM_DPO_RUN:-/run/slurm-dpo}"          # pidfiles + mysql socket
+SLURM_DPO_DB_PORT="${SLURM_DPO_DB_PORT:-3306}"            # mariadbd TCP port (127.0.0.1 only)
+SLURM_DPO_DB_PASS="${SLURM_DPO_DB_PASS:-slurmdpo}"        # password of the `slurm` DB user (local only)
+SLURM_DPO_TIMEOUT="${SLURM_DPO_TIMEOUT:-60}"              # seconds to wait for each daemon
+SLURM_DPO_NODE="${SLURM_DPO_NODE:-$(hostname -s)}"
+
+MYSQL_DATADIR="$SLURM_DPO_STATE/mysql"
+MYSQL_SOCKET="$SLURM_DPO_RUN/mysql/mysqld.sock"
+
+# Order matters: start.sh starts left to right, stop.sh stops right to left.
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+
+log() { printf '[slurm-dpo %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# pidfile written by start-stop-daemon --make-pidfile (not the daemons' own pidfiles)
+pidfile_of() { echo "$SLURM_DPO_RUN/$1.pid"; }
+
+exe_of() {
+    case "$1" in
+        munged) echo /usr/sbin/munged ;;
+        mariadbd) echo /usr/sbin/mariadbd ;;
+        *) echo "/usr/sbin/$1" ;;
+    esac
+}
+
+# True when the pidfile names a live process running the expected binary.
+is_running() {
+    local pf; pf="$(pidfile_of "$1")"
+    [[ -f "$pf" ]] || return 1
+    start-stop-daemon --status --pidfile "$pf" --exec "$(exe_of "$1")" >/dev/null 2>&1
+}
+
+# Weaker check used while waiting for a just-started daemon: right after the
+# fork the pid may still be start-stop-daemon itself (not yet exec'd), which
+# is_running's --exec test would wrongly report as dead.
+# Zombies (exited, not yet reaped by PID 1) count as dead.
+is_alive() {
+    local pf st; pf="$(pidfile_of "$1")"
+    [[ -f "$pf" ]] || return 1
+    st="$(ps -o stat= -p "$(cat "$pf")" 2>/dev/null)" || return 1
+    [[ -n $st && $st != Z* ]]
+}

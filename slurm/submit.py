@@ -1,0 +1,138 @@
+"""Thin wrappers over submitit: the rest of the project never touches submitit internals.
+
+- `make_executor` gives a configured `submitit.SlurmExecutor` (or `LocalExecutor`) for one stage.
+- `render_sbatch` gives the exact sbatch script that executor would submit (for `--dry-run` and
+  the golden test), built by submitit's own `_make_sbatch_string`.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import submitit
+from submitit.core.utils import JobPaths
+from submitit.slurm import slurm as _submitit_slurm
+
+from slurm.resources import SlurmResources
+
+EXECUTOR_KINDS = ("local", "slurm")
+_JOB_ID_RE = r"\d+(_\d+)?"
+_PLACEHOLDER_RE = r"<[A-Za-z0-9_.\-]+>"
+
+
+def sbatch_available() -> bool:
+    """True when `sbatch` is on the PATH (i.e. this looks like a SLURM login/compute node)."""
+    return shutil.which("sbatch") is not None
+
+
+def job_log_paths(folder: str | Path, job_id: str, task: int = 0) -> tuple[Path, Path]:
+    """(stdout, stderr) log files of a submitit job: `job_id` as recorded ("123", "123_4" for an
+    array task, or a local job's id); `task` is the SLURM task rank (0 = the main process)."""
+    if not isinstance(job_id, str) or not re.fullmatch(_JOB_ID_RE, job_id):
+        raise ValueError(f"job_id: {job_id!r} is not a job id such as '123' or '123_4'")
+    paths = JobPaths(folder, job_id=job_id, task_id=task)
+    return paths.stdout, paths.stderr
+
+
+def _folder(folder: str | Path) -> Path:
+    """The folder as submitit stores it (absolute, `~` expanded); control characters refused."""
+    path = Path(folder).expanduser().absolute()
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise ValueError(f"folder: {str(path)!r} contains a control character (e.g. a newline), which would "
+                         "break the sbatch script; choose another directory name")
+    return path
+
+
+def _resources(resources: SlurmResources | None) -> SlurmResources:
+    if resources is None:
+        return SlurmResources()
+    if not isinstance(resources, SlurmResources):
+        raise ValueError(f"resources: expected a slurm.resources.SlurmResources or None, got "
+                         f"{type(resources).__name__}")
+    return resources
+
+
+def dependency_string(dependencies: Iterable[str], allow_placeholders: bool = False) -> str | None:
+    """`["101", "102_3"]` -> `"afterok:101:102_3"`; None when there are none.
+
+    With `allow_placeholders` (dry runs), `<stage>` stands for a job id not known yet.
+    """
+    if isinstance(dependencies, str):
+        raise ValueError(f"dependencies: expected a list of job ids, got the string {dependencies!r}; "
+                         f"write [{dependencies!r}]")
+    deps = [str(d) if isinstance(d, int) and not isinstance(d, bool) else d for d in dependencies]
+    for i, dep in enumerate(deps):
+        ok = isinstance(dep, str) and (re.fullmatch(_JOB_ID_RE, dep)
+                                       or (allow_placeholders and re.fullmatch(_PLACEHOLDER_RE, dep)))
+        if not ok:
+            extra = " or a '<stage>' placeholder" if allow_placeholders else ""
+            raise ValueError(f"dependencies[{i}]: {dep!r} is not a SLURM job id such as '123' or '123_4'{extra}")
+    return "afterok:" + ":".join(deps) if deps else None
+
+
+def _slurm_params(resources: SlurmResources, job_name: str, dependency: str | None) -> dict[str, Any]:
+    params = resources.to_submitit_params(job_name)
+    if dependency:
+        params["additional_parameters"] = {**params.get("additional_parameters", {}), "dependency": dependency}
+    return params
+
+
+def make_executor(kind: str, folder: str | Path, resources: SlurmResources | None, job_name: str,
+                  dependencies: Iterable[str] = ()) -> submitit.SlurmExecutor | submitit.LocalExecutor:
+    """A submitit executor for one stage, writing its scripts, pickles and logs into `folder`.
+
+    kind="slurm": a `SlurmExecutor` with every parameter from `resources` (None = defaults), the
+    job waiting for `dependencies` (`--dependency=afterok:ID:ID`; array parents wait for every
+    task), and up to `resources.max_requeues` requeues after time-outs of checkpointable jobs.
+    kind="local": a `LocalExecutor` with only the time limit (no dependencies allowed).
+    `executor.submit(fn)` gives a single job; several submits inside `with executor.batch():`
+    give one job array (a batch of exactly one is submitted as a plain job, as submitit does).
+    """
+    if kind not in EXECUTOR_KINDS:
+        raise ValueError(f"kind: {kind!r} is not an executor kind; valid kinds: {', '.join(EXECUTOR_KINDS)}")
+    resources = _resources(resources)
+    path = _folder(folder)
+    params = _slurm_params(resources, job_name, None)  # validates job_name for both kinds
+    if kind == "local":
+        deps = list(dependencies)
+        if deps:
+            raise ValueError(f"dependencies: the local executor cannot wait on SLURM jobs, got {deps!r}; run "
+                             "stages one after another and pass no dependencies")
+        executor = submitit.LocalExecutor(folder=path, max_num_timeout=resources.max_requeues)
+        executor.update_parameters(timeout_min=resources.time_minutes)
+        return executor
+    params = _slurm_params(resources, job_name, dependency_string(dependencies))
+    try:
+        executor = submitit.SlurmExecutor(folder=path, max_num_timeout=resources.max_requeues)
+    except RuntimeError as exc:  # submitit refuses when `srun` is not on the PATH
+        raise RuntimeError(f"kind='slurm' needs the SLURM client commands (srun, sbatch) on the PATH ({exc}); "
+                           "run on a cluster login node, or use kind='local'") from None
+    executor.update_parameters(**params)
+    return executor
+
+
+def render_sbatch(resources: SlurmResources | None, folder: str | Path, job_name: str,
+                  array_size: int | None = None, dependencies: Iterable[str] = (), *,
+                  python: str | None = None) -> str:
+    """The sbatch script `make_executor("slurm", folder, resources, job_name, dependencies)` submits.
+
+    `array_size` > 1 renders a job array (`--array=0-N-1%P`, logs named `%A_%a`); None or 1 a
+    single job, exactly as submitit decides. Dependencies may contain `<stage>` placeholders for
+    jobs not submitted yet (dry runs). `python` is the interpreter in the command line; None =
+    this interpreter (`sys.executable`, what submitit uses); pass e.g. "python" for stable output.
+    """
+    resources = _resources(resources)
+    path = _folder(folder)
+    if array_size is not None and (isinstance(array_size, bool) or not isinstance(array_size, int)
+                                   or array_size < 1):
+        raise ValueError(f"array_size: expected None or an integer >= 1, got {array_size!r}")
+    params = _slurm_params(resources, job_name, dependency_string(dependencies, allow_placeholders=True))
+    interpreter = shlex.quote(sys.executable) if python is None else python
+    # Same command string as submitit.SlurmExecutor._submitit_command_str.
+    command = " ".join([interpreter, "-u -m submitit.core._submit", shlex.quote(str(path))])
+    map_count = array_size if array_size is not None and array_size > 1 else None
+    return _submitit_slurm._make_sbatch_string(command=command, folder=path, map_count=map_count, **params)

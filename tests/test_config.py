@@ -1,0 +1,92 @@
+"""Config layering and validation: every bad input names the field and leaves nothing on disk."""
+import pytest
+import yaml
+
+from conftest import launch
+from jobs.config import ExperimentConfig, load_run_config, resolve_config, save_config
+from pipeline.configlib import parse_assignment
+from pipeline.layout import RunLayout
+
+
+def test_layers_apply_in_order(tmp_path):
+    config_file = tmp_path / "exp.yaml"
+    config_file.write_text(yaml.safe_dump({"dpo": {"betas": [0.2, 0.4], "learning_rate": 1e-4}, "seed": 3}))
+    cfg = resolve_config("tiny", str(config_file), ["dpo.learning_rate=5e-6", "slurm.dpo.time=01:30:00"])
+    assert cfg.model.name == "tiny"                      # preset
+    assert cfg.dpo.betas == [0.2, 0.4] and cfg.seed == 3  # file over preset
+    assert cfg.dpo.learning_rate == 5e-6                  # --set over file
+    assert cfg.slurm.dpo.time == "01:30:00"               # a str field keeps the raw text
+    assert cfg.sft.logging_steps == 20                    # untouched preset value
+
+
+def test_gpt2_large_preset_matches_seed_report():
+    cfg = resolve_config("gpt2-large")
+    assert (cfg.model.name, cfg.data.dataset, cfg.reward.model) == (
+        "gpt2-large", "stanfordnlp/imdb", "siebert/sentiment-roberta-large-english")
+    assert cfg.dpo.betas == [0.05, 0.1, 1.0] and cfg.dpo.save_steps == 100
+    assert cfg.pairs.num_prompts * 6 == 6000 and cfg.pairs.completions_per_prompt == 4
+    assert cfg.sft.learning_rate == cfg.dpo.learning_rate == 2e-5
+    assert cfg.slurm.dpo.gpus_per_node == 1
+
+
+def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
+    cfg = resolve_config("tiny", sets=["dpo.betas=[0.3]"])
+    save_config(cfg, RunLayout(tmp_path))
+    assert load_run_config(tmp_path) == cfg
+    assert isinstance(load_run_config(tmp_path), ExperimentConfig)
+
+
+@pytest.mark.parametrize("sets, field, fix", [
+    (["dpo.betas=[0.1,-0.5]"], "dpo.betas[1]", "must be > 0"),
+    (["dpo.betas=[0]"], "dpo.betas[0]", "must be > 0"),
+    (["dpo.bta=0.1"], "dpo", "unknown key(s) bta; valid keys:"),
+    (["sft.batch_size=eight"], "sft.batch_size", "expected an integer"),
+    (["sft.learning_rate=fast"], "sft.learning_rate", "expected a number"),
+    (["wandb.enabled=maybe"], "wandb.enabled", "expected true or false"),
+    (["data.dataset=./no/such/file.parquet"], "data.dataset", "does not exist"),
+    (["reward.kind=bert"], "reward.kind", "is not 'classifier' or 'vader'"),
+    (["pairs.completions_per_prompt=1"], "pairs.completions_per_prompt", ">= 2"),
+    (["nonsense.key=1"], "", "unknown key(s) nonsense"),
+])
+def test_bad_values_name_the_field(sets, field, fix):
+    with pytest.raises(ValueError) as info:
+        resolve_config("tiny", sets=sets)
+    message = str(info.value)
+    assert message.startswith(field) and fix in message, message
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown preset; choose one of gpt2-large, tiny"):
+        resolve_config("gpt2-xxl")
+
+
+def test_set_needs_key_and_value():
+    with pytest.raises(ValueError, match="expected SECTION.KEY=VALUE"):
+        parse_assignment("dpo.beta")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "dpo.betas=[-1]"], "dpo.betas[0]: beta=-1.0 must be > 0"),
+    (["--set", "sft.epochs=x"], "sft.epochs: expected a number"),
+    (["--set", "data.dataset=/nope/imdb.jsonl"], "data.dataset: /nope/imdb.jsonl does not exist"),
+])
+def test_cli_refuses_bad_config_and_writes_nothing(tmp_path, args, expected):
+    run_dir = tmp_path / "run"
+    proc = launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local", *args, check=False)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_refuses_unknown_preset(tmp_path):
+    proc = launch("run", "--preset", "huge", "--run-dir", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_relaunch_with_changed_config_is_refused(tmp_path):
+    cfg = resolve_config("tiny")
+    save_config(cfg, RunLayout(tmp_path))
+    proc = launch("run", "--run-dir", str(tmp_path), "--set", "dpo.learning_rate=0.5", "--executor", "local",
+                  "--dry-run", check=False)
+    assert proc.returncode == 2 and "dpo.learning_rate" in proc.stderr and "new --run-dir" in proc.stderr

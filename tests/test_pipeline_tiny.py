@@ -1,0 +1,93 @@
+"""The whole tiny pipeline through launch.py (local submitit jobs): outputs, the DPO effect, idempotence."""
+import csv
+import json
+
+import pytest
+
+from conftest import launch
+
+pytestmark = pytest.mark.slow
+
+
+def frontier(run_dir):
+    with open(run_dir / "eval" / "frontier.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_leaves_the_frontier_plot_and_report(tiny_run):
+    for name in ("frontier.csv", "frontier.png", "report.md", "DONE.json"):
+        assert (tiny_run / "eval" / name).is_file(), name
+    rows = frontier(tiny_run)
+    assert list(rows[0]) == ["policy", "beta", "step", "reward", "kl", "n"]
+    sft = [r for r in rows if r["policy"] == "sft"]
+    assert len(sft) == 1 and float(sft[0]["kl"]) == 0.0
+    dpo_steps = {}
+    for r in rows:
+        if r["policy"] == "dpo":
+            dpo_steps.setdefault(float(r["beta"]), []).append(int(r["step"]))
+    assert sorted(dpo_steps) == [0.05, 0.1, 1.0]
+    for steps in dpo_steps.values():  # every 25-step checkpoint plus the final model
+        assert steps == sorted(steps) and steps[0] == 25 and len(steps) >= 3
+    assert (tiny_run / "eval" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tiny_run / "eval" / "report.md").read_text()
+    for prompt in ("I love", "Worth the entertainment value of a", "its a"):
+        assert f"**Prompt:** “{prompt}”" in report
+    assert report.count("### DPO β") == 3
+
+
+def test_dpo_raises_reward_and_kl_falls_with_beta(tiny_run):
+    rows = frontier(tiny_run)
+    sft_reward = next(float(r["reward"]) for r in rows if r["policy"] == "sft")
+    finals = {}
+    for r in rows:
+        if r["policy"] == "dpo":
+            beta, step = float(r["beta"]), int(r["step"])
+            if beta not in finals or step > finals[beta][0]:
+                finals[beta] = (step, float(r["reward"]), float(r["kl"]))
+    for beta, (_, reward, _) in finals.items():
+        assert reward >= sft_reward + 0.15, (beta, reward, sft_reward)
+    kls = [finals[b][2] for b in sorted(finals)]
+    assert kls[0] > kls[1] > kls[2] > 0, kls
+
+
+def test_pairs_are_six_per_prompt_and_ordered(tiny_run):
+    pairs = [json.loads(line) for line in (tiny_run / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    per_prompt = {}
+    for p in pairs:
+        assert p["chosen_reward"] > p["rejected_reward"]
+        per_prompt[p["prompt"]] = per_prompt.get(p["prompt"], 0) + 1
+    manifest = json.loads((tiny_run / "pairs" / "DONE.json").read_text())
+    assert max(per_prompt.values()) == 6
+    assert manifest["metrics"]["pairs"] == len(pairs) == manifest["metrics"]["pairs_possible"] - manifest["metrics"]["pairs_dropped_ties"]
+    assert manifest["metrics"]["prompts"] == 200
+    eval_prompts = {json.loads(l)["prompt"] for l in (tiny_run / "data" / "eval_prompts.jsonl").read_text().splitlines()}
+    assert not eval_prompts & set(per_prompt)  # eval prompts are held out from the pair prompts
+
+
+def test_manifests_record_what_ran(tiny_run):
+    for stage in ("sft", "pairs", "dpo/beta-0.1", "eval"):
+        manifest = json.loads((tiny_run / stage / "DONE.json").read_text())
+        assert {"config", "inputs", "metrics", "versions", "git_sha", "wall_time_s"} <= set(manifest)
+        assert manifest["versions"]["trl"] and manifest["wall_time_s"] > 0
+    dpo = json.loads((tiny_run / "dpo" / "beta-0.1" / "DONE.json").read_text())
+    assert dpo["beta"] == 0.1 and dpo["metrics"]["rewards/accuracies"] > 0.5 and dpo["lost_steps"] == 0
+    assert (tiny_run / "config.yaml").is_file()
+
+
+def test_second_run_does_no_work(tiny_run):
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("DONE.json")}
+    jobs_before = json.loads((tiny_run / "jobs" / "jobs.json").read_text())
+    proc = launch("run", "--preset", "tiny", "--run-dir", str(tiny_run), "--executor", "local", "--set", "num_threads=1")
+    assert proc.stdout.count("done, skipped") == 6, proc.stdout
+    assert json.loads((tiny_run / "jobs" / "jobs.json").read_text()) == jobs_before
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("DONE.json")} == before
+
+
+def test_status_reports_every_task_completed(tiny_run):
+    rows = json.loads(launch("status", "--run-dir", str(tiny_run), "--json").stdout)
+    assert [(r["stage"], r["task"]) for r in rows] == [
+        ("sft", None), ("pairs", "0"), ("pairs", "1"), ("pairs_merge", None),
+        ("dpo", "0.05"), ("dpo", "0.1"), ("dpo", "1.0"), ("eval", None)]
+    assert all(r["state"] == "COMPLETED" and r["restarts"] == 0 for r in rows)
+    dpo = next(r for r in rows if r["task"] == "0.1")
+    assert dpo["step"] == dpo["total_steps"] == 75
