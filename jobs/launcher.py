@@ -87,7 +87,7 @@ def run_local(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[str]:
                 continue
             folder = layout.jobs / "local" / stage
             executor = submit.make_executor("local", folder, getattr(cfg.slurm, stage), f"{cfg.name}-{stage}")
-            job = executor.submit(StageJob(layout.root, stage, task))
+            job = executor.submit(stage_job(layout, stage, task, getattr(cfg.slurm, stage)))
             records.append(layout, records.Submission(stage, str(job.job_id), {records.task_key(task): str(job.job_id)},
                                                       "local", str(folder)))
             log(f"{label:>14}: running as local job {job.job_id} (logs: {job.paths.stdout})")
@@ -135,6 +135,11 @@ def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue
     return planned, active
 
 
+def stage_job(layout: RunLayout, stage: str, task: str | None, resources: SlurmResources) -> StageJob:
+    return StageJob(layout.root, stage, task, time_limit_s=resources.time_seconds,
+                    signal_lead_s=resources.signal_lead_s, max_requeues=resources.max_requeues)
+
+
 def _job_name(cfg: ExperimentConfig, stage: Stage) -> str:
     return f"{cfg.name}-{stage.name}"
 
@@ -161,7 +166,7 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[re
         deps = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.depends_on]
         folder = layout.jobs / job.stage.name
         executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps)
-        calls = [StageJob(layout.root, job.stage.name, task) for task in job.tasks]
+        calls = [stage_job(layout, job.stage.name, task, job.resources) for task in job.tasks]
         if job.stage.tasks:
             with executor.batch():
                 handles = [executor.submit(call) for call in calls]

@@ -5,12 +5,17 @@ Every job only needs the run directory: it reads `RUN/config.yaml` and the upstr
 """
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout, beta_tag
+from slurm import environment
 
 
 @dataclass(frozen=True)
@@ -69,15 +74,56 @@ def run_stage(run_dir: str | Path, stage: str, task: str | None = None) -> dict 
 
 
 class StageJob:
-    """The callable submitit pickles for each job / array task."""
+    """The callable submitit pickles for each job / array task.
 
-    def __init__(self, run_dir: str | Path, stage: str, task: str | None = None):
+    It replaces submitit's signal handling (which checkpoints from rank 0 only, inside the handler)
+    with the cooperative one: USR2 (SLURM's early warning, `--signal=USR2@lead`) and SIGTERM (a
+    requeue, preemption or cancel) only set a flag; the stage saves at its next step boundary on
+    every rank and raises StageInterrupted; then rank 0 requeues the job (same job id) when the
+    stop was a time-out or an early preemption warning. SIGTERM needs no requeue from us: SLURM
+    already requeues (or cancels) the job.
+    """
+
+    def __init__(self, run_dir: str | Path, stage: str, task: str | None = None, *, time_limit_s: int | None = None,
+                 signal_lead_s: int = 0, max_requeues: int = 3):
         self.run_dir = str(Path(run_dir).resolve())
         self.stage = stage
         self.task = task
+        self.time_limit_s = time_limit_s
+        self.signal_lead_s = signal_lead_s
+        self.max_requeues = max_requeues
+        self._started = time.time()
+
+    def _on_usr2(self, signum, frame):
+        # SLURM may send the warning up to a minute early; well before that it is a preemption notice
+        elapsed = time.time() - self._started
+        near_limit = self.time_limit_s is None or elapsed >= self.time_limit_s - self.signal_lead_s - 120
+        interrupt.request_stop("timeout" if near_limit else "preempted")
+
+    def _on_term(self, signum, frame):
+        interrupt.request_stop("terminated")
 
     def __call__(self):
-        return run_stage(self.run_dir, self.stage, self.task)
+        self._started = time.time()
+        # torch would otherwise use every core of the node, not the job's share
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+        interrupt.clear()
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            return run_stage(self.run_dir, self.stage, self.task)
+        except interrupt.StageInterrupted as stop:
+            job = environment.current_job()
+            if stop.reason in ("timeout", "preempted") and job.in_slurm:
+                if job.restart_count >= self.max_requeues:
+                    raise RuntimeError(f"{self!r} gave up after {job.restart_count} requeues ({stop}); raise the "
+                                       "stage's slurm time or max_requeues, then `launch.py resume`") from None
+                if job.global_rank == 0:
+                    print(f"{self!r}: {stop}; requeueing job {job.job_id} "
+                          f"(restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
+                    environment.requeue(job.job_id)
+            raise
 
     def __repr__(self) -> str:
         return f"StageJob({self.stage}{'' if self.task is None else '[' + self.task + ']'} @ {self.run_dir})"

@@ -89,12 +89,14 @@ class TrainConfig:
     save_steps: int = doc("Save a checkpoint every N optimizer steps.", 500)
     logging_steps: int = doc("Log metrics every N steps.", 10)
     gradient_checkpointing: bool = doc("Recompute activations to save memory (slower).", False)
+    keep_last: int = doc("Newest complete checkpoints kept whole (with optimizer state) for resuming; "
+                         "older ones keep only the weights eval needs (DPO) or are deleted (SFT).", 2)
 
     def _check_train(self, section: str):
         _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
         _check(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0, e.g. 2e-5")
         _check(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
-        for field in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+        for field in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps", "keep_last"):
             _check(getattr(self, field) >= 1, f"{section}.{field}", "must be >= 1")
 
 

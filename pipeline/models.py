@@ -17,9 +17,10 @@ EOS = "<|endoftext|>"
 
 def setup_process(cfg: PipelineConfig) -> None:
     """Per-process determinism and CPU threading, before any model work."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.num_threads))
+    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)  # a job's CPU share (jobs/)
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     seed_everything(cfg.seed)
 
 

@@ -13,7 +13,7 @@ from pipeline.layout import atomic_write_json, read_json
 
 
 class ProgressFile:
-    def __init__(self, path: Path, min_interval_s: float = 2.0):
+    def __init__(self, path: Path, min_interval_s: float = 0.5):
         self.path = Path(path)
         self.min_interval_s = min_interval_s
         self._last_write = 0.0
@@ -23,13 +23,17 @@ class ProgressFile:
             "total_steps": previous.get("total_steps"),
             "last_checkpoint": previous.get("last_checkpoint"),
             "restarts": previous.get("restarts", []),
-            "status": "running",
+            "status": previous.get("status", "new"),
         }
 
     def start(self, resumed_from_step: int | None) -> None:
         """Record a (re)start; a start after the first is a restart, with the step it resumed from."""
         if self.path.exists():
+            previous = self.state.get("status", "")
+            # an attempt that stopped on request says why; one that just vanished was killed
+            cause = previous[len("interrupted ("):-1] if previous.startswith("interrupted (") else "killed"
             self.state["restarts"].append({
+                "cause": cause,
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "step_before": self.state.get("step", 0),
                 "resumed_from_step": resumed_from_step or 0,
@@ -55,4 +59,5 @@ class ProgressFile:
         if not force and now - self._last_write < self.min_interval_s:
             return
         self._last_write = now
-        atomic_write_json(self.path, {**self.state, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        # forced writes (starts, checkpoints, ends) are durable; the frequent step updates need not be
+        atomic_write_json(self.path, {**self.state, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, durable=force)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from pipeline import interrupt
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.layout import atomic_replace_dir, atomic_write_json, read_json
 from pipeline.progress import ProgressFile
@@ -36,23 +37,69 @@ def latest_checkpoint(checkpoints_dir: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-class CheckpointAndProgress(TrainerCallback):
-    """Marks each saved checkpoint complete and keeps the stage's progress file current."""
+# Files a checkpoint needs only to resume training; eval needs the weights alone.
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+RESUME_ONLY_PREFIXES = ("rng_state", "global_step")  # global_stepN/ = DeepSpeed's optimizer shards
 
-    def __init__(self, progress: ProgressFile):
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int, eval_every: int | None) -> None:
+    """Keep the newest `keep_last` complete checkpoints whole; of older ones keep only the weights of
+    those eval needs (steps that are multiples of `eval_every`) and delete the rest. Directories
+    without the completion marker older than the newest complete one are leftovers of a crash.
+    """
+    complete = complete_checkpoints(checkpoints_dir)
+    if not complete:
+        return
+    newest = complete[-1][0]
+    for path in checkpoints_dir.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and not (path / COMPLETE).is_file() and int(match.group(1)) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+    for step, path in complete[:-keep_last] if keep_last else complete:
+        if eval_every and step % eval_every == 0:
+            for item in path.iterdir():
+                if item.name in RESUME_ONLY_FILES or item.name.startswith(RESUME_ONLY_PREFIXES):
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class CheckpointAndProgress(TrainerCallback):
+    """Marks saved checkpoints complete, prunes old ones, keeps the progress file current, and turns
+    a stop request (set by a signal handler) into a save at the current step followed by a stop.
+    """
+
+    def __init__(self, progress: ProgressFile, keep_last: int, eval_every: int | None):
         self.progress = progress
+        self.keep_last = keep_last
+        self.eval_every = eval_every
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress.update(force=True, step=state.global_step, total_steps=state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.progress.update(step=state.global_step, total_steps=state.max_steps)
+        if state.is_world_process_zero:
+            self.progress.update(step=state.global_step, total_steps=state.max_steps)
+        if interrupt.synchronized_stop_requested():
+            control.should_save = True           # every rank takes part in this save
+            control.should_training_stop = True
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and path.is_dir():
-            atomic_write_json(path / COMPLETE, {"step": state.global_step})
+            reason = interrupt.stop_reason() or "periodic"
+            atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason})
+            prune_checkpoints(Path(args.output_dir), self.keep_last, self.eval_every)
             self.progress.update(force=True, step=state.global_step, last_checkpoint=path.name)
+
+
+def finish_or_raise(trainer, progress: ProgressFile) -> None:
+    """After `trainer.train()`: if it stopped on request, record that and raise StageInterrupted."""
+    reason = interrupt.stop_reason()
+    if reason is not None:
+        progress.update(force=True, status=f"interrupted ({reason})", step=trainer.state.global_step)
+        interrupt.check(trainer.state.global_step, "checkpoint saved")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:

@@ -334,6 +334,8 @@ class SlurmResources:
             "signal_delay_s": self.signal_lead_s,
             "array_parallelism": self.array_parallelism,
             "stderr_to_stdout": False,  # separate .out / .err logs per task (see slurm.submit.job_log_paths)
-            "additional_parameters": {k: (True if v == "" else v) for k, v in self.extra_sbatch_args.items()} or None,
+            # --requeue: jobs requeue themselves on time-out, also where the cluster default is JobRequeue=0
+            "additional_parameters": {"requeue": True,
+                                      **{k: (True if v == "" else v) for k, v in self.extra_sbatch_args.items()}},
         }
         return {k: v for k, v in params.items() if v is not None}

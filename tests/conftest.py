@@ -30,3 +30,23 @@ def tiny_run(tmp_path_factory) -> Path:
     launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local",
            "--set", "num_threads=1")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The project's real single-node SLURM cluster (started by slurm/cluster/start.sh when needed)."""
+    import shutil
+
+    def controller_up() -> bool:
+        if not shutil.which("scontrol"):
+            return False
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+        return ping.returncode == 0 and "UP" in ping.stdout
+
+    if not controller_up():
+        if os.geteuid() != 0:
+            pytest.skip("no SLURM controller and not root: start one with `sudo bash slurm/cluster/start.sh`")
+        proc = subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "start.sh")], capture_output=True, text=True)
+        if proc.returncode != 0 or not controller_up():
+            raise RuntimeError(f"slurm/cluster/start.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return True

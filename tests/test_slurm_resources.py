@@ -283,7 +283,8 @@ def test_to_submitit_params_gpu_job():
 def test_to_submitit_params_cpu_job_drops_nones_and_zero_gpus():
     assert SlurmResources().to_submitit_params("x") == {
         "job_name": "x", "time": 60, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1,
-        "signal_delay_s": 120, "array_parallelism": 16, "stderr_to_stdout": False}
+        "signal_delay_s": 120, "array_parallelism": 16, "stderr_to_stdout": False,
+        "additional_parameters": {"requeue": True}}  # every job may requeue itself on time-out
 
 
 def test_to_submitit_params_are_accepted_by_submitit():
@@ -378,7 +379,7 @@ def test_make_executor_slurm_matches_render(tmp_path, monkeypatch):
     r = make(**GOLDEN_RESOURCES, max_requeues=2)
     ex = submit.make_executor("slurm", tmp_path, r, "dpo", ["101", "102_3"])
     assert isinstance(ex, submitit.SlurmExecutor) and ex.max_num_timeout == 2
-    assert ex.parameters["additional_parameters"] == {"dependency": "afterok:101:102_3"}
+    assert ex.parameters["additional_parameters"] == {"requeue": True, "dependency": "afterok:101:102_3"}
     assert ex.parameters["time"] == 120 and ex.parameters["gpus_per_node"] == 1
     # the exact text submitit writes for a single job == render_sbatch's
     written = ex._make_submission_file_text(ex._submitit_command_str, "uid")

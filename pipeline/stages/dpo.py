@@ -25,8 +25,8 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
-    from pipeline.training import (CheckpointAndProgress, configure_wandb, latest_checkpoint, save_final,
-                                   train_metrics, trainer_kwargs)
+    from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, latest_checkpoint,
+                                   save_final, train_metrics, trainer_kwargs)
 
     setup_process(cfg)
     device = resolve_device(cfg)
@@ -44,8 +44,10 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     resume = latest_checkpoint(layout.checkpoints_dir("dpo", tag))
     progress.start(resume[0] if resume else None)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
-                         processing_class=tokenizer, callbacks=[CheckpointAndProgress(progress)])
+                         processing_class=tokenizer,
+                         callbacks=[CheckpointAndProgress(progress, cfg.dpo.keep_last, cfg.dpo.save_steps)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    finish_or_raise(trainer, progress)
     save_final(trainer, tokenizer, layout.dpo_final(tag))
     metrics = train_metrics(trainer, ("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss"))
     progress.update(force=True, status="done", step=trainer.state.global_step)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import (RunLayout, atomic_write_json, atomic_write_text, beta_tag, read_json, read_jsonl,
@@ -43,7 +44,8 @@ def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
             raise RuntimeError(f"eval: DPO beta={tag} is not finished ({layout.done_path('dpo', tag)} missing)")
         final_step = manifest["metrics"]["global_step"]
         for step, path in complete_checkpoints(layout.checkpoints_dir("dpo", tag)):
-            if step != final_step:
+            # every save_steps-th checkpoint; saves made on a stop request exist only for resuming
+            if step != final_step and step % cfg.dpo.save_steps == 0:
                 policies.append(Policy(f"dpo-beta{tag}-step{step}", "dpo", beta, step, path))
         policies.append(Policy(f"dpo-beta{tag}-step{final_step}", "dpo", beta, final_step, layout.dpo_final(tag)))
     return policies
@@ -156,6 +158,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     progress.start(sum(layout.eval_result(p.id).is_file() for p in policies))  # resumes per policy
     results = []
     for index, policy in enumerate(tqdm(policies, desc="eval policies", mininterval=5)):
+        interrupt.check(index, f"{index} of {len(policies)} policies evaluated")
         out = layout.eval_result(policy.id)
         result = read_json(out)
         if result is None:

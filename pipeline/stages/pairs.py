@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 
+from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, atomic_write_jsonl, read_json, read_jsonl, write_manifest
@@ -113,5 +114,6 @@ def merge(cfg: PipelineConfig, layout: RunLayout) -> dict:
 def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     """All shards in this process, then the merge (the local, no-array path)."""
     for shard in range(cfg.pairs.num_shards):
+        interrupt.check(shard, f"{shard} of {cfg.pairs.num_shards} shards finished")
         run_shard(cfg, layout, shard)
     return merge(cfg, layout)

@@ -13,8 +13,8 @@ from pipeline.data import load_reviews, make_prompts
 from pipeline.layout import RunLayout, atomic_write_jsonl, read_json, write_manifest
 from pipeline.models import build_tiny_base, load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
 from pipeline.progress import ProgressFile
-from pipeline.training import (CheckpointAndProgress, configure_wandb, latest_checkpoint, save_final, train_metrics,
-                               trainer_kwargs)
+from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, latest_checkpoint,
+                               save_final, train_metrics, trainer_kwargs)
 
 
 def base_model_path(cfg: PipelineConfig, layout: RunLayout) -> str:
@@ -61,8 +61,10 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     resume = latest_checkpoint(layout.checkpoints_dir("sft"))
     progress.start(resume[0] if resume else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=tokenizer, callbacks=[CheckpointAndProgress(progress)])
+                         processing_class=tokenizer,
+                         callbacks=[CheckpointAndProgress(progress, cfg.sft.keep_last, None)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    finish_or_raise(trainer, progress)
     save_final(trainer, tokenizer, layout.sft_model)
     metrics = train_metrics(trainer, ("loss", "train_loss", "train_runtime", "mean_token_accuracy"))
     progress.update(force=True, status="done", step=trainer.state.global_step)

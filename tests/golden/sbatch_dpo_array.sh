@@ -14,6 +14,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=/shared/runs/dpo/jobs/dpo/%A_%a_0_log.out
 #SBATCH --partition=gpu
+#SBATCH --requeue
 #SBATCH --signal=USR2@120
 #SBATCH --time=120
 #SBATCH --wckey=submitit

@@ -1,0 +1,64 @@
+"""Cooperative stop requests: a signal handler only sets a flag; loops act at their next boundary.
+
+The scheduler side (`jobs/`) decides which signals mean what and installs the handlers; training
+loops save a checkpoint at the step they are on and raise `StageInterrupted`; sampling loops stop
+after their current unit (a pairs shard, an evaluated checkpoint).
+"""
+from __future__ import annotations
+
+import threading
+
+_reason: str | None = None
+_lock = threading.Lock()
+
+
+class StageInterrupted(Exception):
+    """A stage stopped early on request, after saving what it had; rerunning it resumes."""
+
+    def __init__(self, reason: str, step: int | None, detail: str = ""):
+        self.reason = reason
+        self.step = step
+        super().__init__(f"stopped on request ({reason}) at step {step}{': ' + detail if detail else ''}; "
+                         "rerunning the stage resumes from there")
+
+
+def request_stop(reason: str) -> None:
+    """Async-signal-safe enough for Python handlers: only stores a string."""
+    global _reason
+    if _reason is None:
+        _reason = reason
+
+
+def stop_reason() -> str | None:
+    return _reason
+
+
+def clear() -> None:
+    global _reason
+    with _lock:
+        _reason = None
+
+
+def check(step: int | None = None, detail: str = "") -> None:
+    """Raise `StageInterrupted` if a stop was requested (call at a safe boundary)."""
+    if _reason is not None:
+        raise StageInterrupted(_reason, step, detail)
+
+
+def synchronized_stop_requested() -> bool:
+    """True on every rank if any rank was asked to stop (ranks may get the signal at different steps)."""
+    requested = _reason is not None
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return requested
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return requested
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1.0 if requested else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0 and _reason is None:
+        request_stop("peer")
+    return bool(flag.item() > 0)
