@@ -43,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_arg(run)
     run.add_argument("--executor", default="auto", choices=["auto", "slurm", "local"],
                      help="auto: SLURM when `sbatch` is on the PATH, else local subprocess jobs")
+    run.add_argument("--until", metavar="STAGE", help="submit only up to this stage (sft, pairs, pairs_merge, dpo, eval)")
     run.add_argument("--dry-run", action="store_true",
                      help="print every sbatch script that would be submitted; submit and write nothing")
 
     resume = sub.add_parser("resume", help="continue a run after a failure or kill: resubmit what is not done")
     _run_dir_arg(resume, required=True)
     resume.add_argument("--executor", default="auto", choices=["auto", "slurm", "local"], help="as for run")
+    resume.add_argument("--until", metavar="STAGE", help="as for run")
 
     status = sub.add_parser("status", help="one row per stage / array task: state, step, restarts, ETA")
     _run_dir_arg(status, required=True)
@@ -85,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_dir = DEFAULT_RUN_DIR.format(name=resolve_config(args.preset, args.config, args.sets).name)
             if args.command == "resume":
-                return launch(run_dir, None, None, [], args.executor)
-            return launch(run_dir, args.preset, args.config, args.sets, args.executor, dry_run=args.dry_run)
+                return launch(run_dir, None, None, [], args.executor, until=args.until)
+            return launch(run_dir, args.preset, args.config, args.sets, args.executor, dry_run=args.dry_run,
+                          until=args.until)
         if args.command == "status":
             from jobs.status import show_status
 
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `status --json | head`
+        sys.stderr.close()
+        return 0
     return 1
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import ExperimentConfig, config_differences, load_run_config, resolve_config, save_config
-from jobs.stages import STAGES, Stage, StageJob, is_task_done, stage_tasks
+from jobs.stages import STAGE_BY_NAME, Stage, StageJob, is_task_done, stage_tasks, stages_until
 from pipeline.layout import RunLayout
 from slurm import queue, submit
 from slurm.resources import SlurmResources
@@ -69,16 +69,19 @@ def stage_resources(cfg: ExperimentConfig, stage: Stage) -> SlurmResources:
 LOCAL_UNITS = [("sft", [None]), ("pairs", [None]), ("dpo", "betas"), ("eval", [None])]
 
 
-def run_local(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[str]:
+def run_local(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None, log=print) -> list[str]:
     """Run each stage as a submitit LocalExecutor job (a real subprocess), waiting for each.
 
     Locally the shards run in one job (no array scheduler to spread them) and merge at its end.
     Returns the units that ran (done ones are skipped).
     """
     ran = []
+    wanted = {s.name for s in stages_until(until)}
     for stage, tasks in LOCAL_UNITS:
+        if stage not in wanted:
+            continue
         if tasks == "betas":
-            tasks = stage_tasks(STAGES[3], cfg)
+            tasks = stage_tasks(STAGE_BY_NAME["dpo"], cfg)
         for task in tasks:
             done = layout.is_done("pairs") if stage == "pairs" else is_task_done(layout, stage, task)
             label = stage if task is None else f"{stage}[{task}]"
@@ -108,7 +111,8 @@ class PlannedJob:
     depends_on: list[str] = field(default_factory=list)   # job ids, or "<stage>" placeholders in a plan
 
 
-def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None) -> tuple[list[PlannedJob], dict[str, list[str]]]:
+def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None,
+               until: str | None = None) -> tuple[list[PlannedJob], dict[str, list[str]]]:
     """What to submit now: per stage, the tasks neither done nor queued/running.
 
     Returns the planned jobs and, per stage, the ids of still-active jobs that dependants must wait for.
@@ -117,7 +121,7 @@ def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue
     states = states or {}
     active: dict[str, list[str]] = {}
     planned: list[PlannedJob] = []
-    for stage in STAGES:
+    for stage in stages_until(until):
         todo = []
         for task in stage_tasks(stage, cfg):
             if is_task_done(layout, stage.name, task):
@@ -155,11 +159,12 @@ def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJ
     return "\n".join(parts)
 
 
-def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[records.Submission]:
+def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None,
+                 log=print) -> list[records.Submission]:
     """Submit every stage that is not done or active, wired with afterok dependencies; returns at once."""
     known = [job_id for _, job_id in records.latest(layout).values()]
     states = queue.query_jobs(known) if known else {}
-    planned, _ = plan_slurm(cfg, layout, states)
+    planned, _ = plan_slurm(cfg, layout, states, until)
     submitted: dict[str, str] = {}
     made = []
     for job in planned:
@@ -188,18 +193,19 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, log=print) -> list[re
 
 
 def launch(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str], executor: str,
-           dry_run: bool = False, log=print) -> int:
+           dry_run: bool = False, until: str | None = None, log=print) -> int:
     kind = choose_executor(executor)
+    stages_until(until)  # validate before anything is written
     cfg, layout = prepare_run(run_dir, preset, config_file, sets, write=not dry_run)
     if dry_run:
-        planned, _ = plan_slurm(cfg, layout)
+        planned, _ = plan_slurm(cfg, layout, until=until)
         log(render_plan(cfg, layout, planned) if planned else "nothing to submit")
         return 0
     log(f"run directory: {layout.root} (executor: {kind})")
     if kind == "local":
-        run_local(cfg, layout, log=log)
-        log(f"done: {layout.frontier_csv}")
+        run_local(cfg, layout, until, log=log)
+        log(f"done: {layout.frontier_csv if until in (None, 'eval') else layout.stage_dir(until)}")
     else:
-        submit_slurm(cfg, layout, log=log)
+        submit_slurm(cfg, layout, until, log=log)
         log(f"watch it: {Path(sys.argv[0]).name} status --run-dir {layout.root} --watch")
     return 0

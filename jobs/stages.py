@@ -39,6 +39,15 @@ STAGES: list[Stage] = [
 STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
+def stages_until(last: str | None) -> list[Stage]:
+    """The stages up to and including `last` (all of them for None)."""
+    if last is None:
+        return list(STAGES)
+    if last not in STAGE_BY_NAME:
+        raise ValueError(f"--until {last!r}: unknown stage; choose one of {', '.join(STAGE_BY_NAME)}")
+    return STAGES[:[s.name for s in STAGES].index(last) + 1]
+
+
 def stage_tasks(stage: Stage, cfg: PipelineConfig) -> list[str | None]:
     return stage.tasks(cfg) if stage.tasks else [None]
 

@@ -10,6 +10,7 @@ a list (no shell); `runner` (default `subprocess.run`) is injectable so tests fe
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from dataclasses import dataclass
@@ -204,9 +205,16 @@ def query_jobs(job_ids: list[str], runner: Runner = subprocess.run) -> dict[str,
     ids = _check_ids(job_ids, "job_ids")
     if not ids:
         return {}
-    out, sacct_why = _run(runner, sacct_command(ids))
+    # Parents too: an array cancelled while all its tasks pended keeps only one accounting record
+    # (`123_[0-2]`, or a bare `123`), which `sacct -j 123_0` does not return.
+    parents = sorted({i.split("_")[0] for i in ids if "_" in i} - set(ids))
+    out, sacct_why = _run(runner, sacct_command(ids + parents))
     if out is not None:
         records = parse_sacct(out)
+        for job_id in ids:
+            parent = job_id.split("_")[0]
+            if job_id not in records and "_" in job_id and parent in records:
+                records[job_id] = dataclasses.replace(records[parent], job_id=job_id)
         missing = [i for i in ids if not _covered(i, records)]
         if missing:  # best effort: not in the accounting database yet
             extra, _ = _squeue(missing, runner)

@@ -1,10 +1,14 @@
 """Shared fixtures. Tests run single-threaded per process: CI has 2 cores and runs jobs beside them."""
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +16,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pipeline.configlib import deep_merge  # noqa: E402
 
 
 def launch(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -50,3 +56,43 @@ def slurm_cluster():
         if proc.returncode != 0 or not controller_up():
             raise RuntimeError(f"slurm/cluster/start.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return True
+
+
+def clone_before_dpo(tiny_run: Path, dst: Path, stages=("data", "sft", "pairs"), **config_changes) -> Path:
+    """A run directory holding the finished stages of `tiny_run` (its config, with changes)."""
+    dst.mkdir()
+    for name in stages:
+        shutil.copytree(tiny_run / name, dst / name)
+    config = deep_merge(yaml.safe_load((tiny_run / "config.yaml").read_text()), config_changes)
+    (dst / "config.yaml").write_text(yaml.safe_dump(config))
+    return dst
+
+
+def start_stage_job(run_dir: Path, stage: str, task: str | None) -> subprocess.Popen:
+    """One stage task as a plain subprocess running the job callable (no scheduler)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from jobs.stages import StageJob; "
+            "StageJob(sys.argv[2], sys.argv[3], sys.argv[4] or None, time_limit_s=120, signal_lead_s=60)()")
+    return subprocess.Popen([sys.executable, "-c", code, str(REPO), str(run_dir), stage, task or ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(progress: Path, step: int, proc: subprocess.Popen | None, timeout: float = 300) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            current = json.loads(progress.read_text()).get("step", 0)
+        except (FileNotFoundError, json.JSONDecodeError):
+            current = 0
+        if current >= step:
+            return current
+        assert proc is None or proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)

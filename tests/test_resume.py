@@ -1,17 +1,11 @@
 """Stop on a signal, save at that step, resume exactly; crash recovery from the last complete checkpoint."""
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import clone_before_dpo, max_weight_difference, start_stage_job, wait_for_step
 from pipeline.training import COMPLETE, complete_checkpoints, latest_checkpoint, prune_checkpoints
 
 
@@ -56,47 +50,6 @@ def test_sft_pruning_keeps_only_the_last_k(tmp_path):
 
 
 # ---------------------------------------------------------------- real interruptions of a tiny DPO run
-def clone_before_dpo(tiny_run: Path, dst: Path, **config_changes) -> Path:
-    """A run directory holding the finished SFT and pairs stages of `tiny_run` (same config)."""
-    dst.mkdir()
-    for name in ("data", "sft", "pairs"):
-        shutil.copytree(tiny_run / name, dst / name)
-    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    for section, values in config_changes.items():
-        config[section].update(values)
-    (dst / "config.yaml").write_text(yaml.safe_dump(config))
-    return dst
-
-
-def start_stage_job(run_dir: Path, stage: str, task: str) -> subprocess.Popen:
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from jobs.stages import StageJob; "
-            "StageJob(sys.argv[2], sys.argv[3], sys.argv[4], time_limit_s=120, signal_lead_s=60)()")
-    return subprocess.Popen([sys.executable, "-c", code, str(REPO), str(run_dir), stage, task],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_step(progress: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            current = json.loads(progress.read_text()).get("step", 0)
-        except (FileNotFoundError, json.JSONDecodeError):
-            current = 0
-        if current >= step:
-            return current
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
-def max_weight_difference(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-
-
 def wandb_run_ids(run_dir: Path) -> set[str]:
     """Ids of the offline wandb runs (directories named offline-run-<date>_<time>-<id>)."""
     return {p.name.split("-", 3)[-1] for p in (run_dir / "wandb").rglob("offline-run-*") if p.is_dir()}

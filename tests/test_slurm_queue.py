@@ -298,3 +298,12 @@ def test_real_cluster_array_query_and_cancel(tmp_path):
             break  # it was fast enough to run before the cancel
         assert time.time() < deadline, state
         time.sleep(2)
+
+
+def test_tasks_of_an_array_cancelled_while_pending_take_the_parent_record():
+    # accounting keeps one record for such an array; `sacct -j 91_0` alone returns nothing
+    sacct = "91|CANCELLED by 0|None assigned|0|None|2026-11-27T03:40:00|0:0|2026-11-27T03:39:50\n"
+    runner = FakeRunner(sacct=(0, sacct, ""))
+    records = queue.query_jobs(["91_0", "91_1", "90"], runner=runner)
+    assert {k: r.state for k, r in records.items() if k != "91"} == {"91_0": "CANCELLED", "91_1": "CANCELLED"}
+    assert runner.calls[0][runner.calls[0].index("-j") + 1] == "91_0,91_1,90,91"  # one call, parents included

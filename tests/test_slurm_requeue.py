@@ -1,0 +1,123 @@
+"""Requeue on the real SLURM cluster: time limits, preemption and SIGKILL lose no (or bounded) work.
+
+Each test clones the finished stages of the tiny run, lengthens the stage under test so a
+2-minute limit interrupts it, submits it with `launch.py run --until STAGE` and compares the result
+with the same stage run uninterrupted.
+"""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import clone_before_dpo, launch, max_weight_difference, start_stage_job, wait_for_step
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SHORT_LIMIT = {"time": "2", "signal_lead_s": 60}  # USR2 arrives 30-60 s after the start (coarse)
+
+
+def submitted_job(run_dir: Path, stage: str) -> str:
+    entries = json.loads((run_dir / "jobs" / "jobs.json").read_text())["submissions"]
+    return [e for e in entries if e["stage"] == stage][-1]["job_id"]
+
+
+def sacct_history(job_id: str) -> list[tuple[str, str]]:
+    """(JobID, State) of every run of the job, requeued ones included (sacct -D), oldest first."""
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "JobID,State,Submit"],
+                         capture_output=True, text=True, check=True).stdout
+    return [tuple(line.split("|")[:2]) for line in out.splitlines() if line]
+
+
+def wait_for_file(path: Path, timeout: float, job_id: str, run_dir: Path) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            status = launch("status", "--run-dir", str(run_dir), check=False).stdout
+            raise AssertionError(f"{path} missing after {timeout} s\n{status}\n{sacct_history(job_id)}")
+        time.sleep(2)
+
+
+def assert_requeued_and_finished(run_dir: Path, stage_dir: Path, stage: str, cause: str) -> dict:
+    job_id = submitted_job(run_dir, stage)
+    wait_for_file(stage_dir / "DONE.json", 480, job_id, run_dir)
+    manifest = json.loads((stage_dir / "DONE.json").read_text())
+    assert len(json.loads((run_dir / "jobs" / "jobs.json").read_text())["submissions"]) == 1  # never resubmitted
+    for _ in range(30):  # sacct lags the job's end by a moment
+        history = sacct_history(job_id)
+        if history and history[-1][1] == "COMPLETED":
+            break
+        time.sleep(1)
+    assert {jid for jid, _ in history} == {job_id}, history      # the same job id throughout
+    assert "REQUEUED" in [state for _, state in history] and history[-1][1] == "COMPLETED", history
+    assert len(manifest["restarts"]) >= 1 and {r["cause"] for r in manifest["restarts"]} == {cause}
+    assert manifest["lost_steps"] == 0, manifest["restarts"]
+    for restart in manifest["restarts"]:
+        assert restart["resumed_from_step"] == restart["step_before"] > 0
+    return manifest
+
+
+def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
+    changes = {"dpo": {"betas": [0.1], "epochs": 4.0}, "slurm": {"dpo": SHORT_LIMIT}}
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
+    reference = clone_before_dpo(tiny_run, tmp_path / "reference", **changes)
+    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
+    uninterrupted = start_stage_job(reference, "dpo", "0.1")
+    stage_dir = run_dir / "dpo" / "beta-0.1"
+    manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "timeout")
+    assert manifest["metrics"]["global_step"] == 300
+    out, _ = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, out
+    assert max_weight_difference(stage_dir / "final", reference / "dpo" / "beta-0.1" / "final") <= 1e-6
+    rows = json.loads(launch("status", "--run-dir", str(run_dir), "--json").stdout)
+    dpo_row = next(r for r in rows if r["stage"] == "dpo")
+    assert dpo_row["restarts"] >= 1 and dpo_row["lost_steps"] == 0 and dpo_row["state"] == "COMPLETED"
+
+
+def test_sft_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
+    changes = {"sft": {"epochs": 6.0}, "slurm": {"sft": SHORT_LIMIT}}
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", stages=("data",), **changes)
+    reference = clone_before_dpo(tiny_run, tmp_path / "reference", stages=("data",), **changes)
+    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "sft")
+    uninterrupted = start_stage_job(reference, "sft", None)
+    manifest = assert_requeued_and_finished(run_dir, run_dir / "sft", "sft", "timeout")
+    out, _ = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, out
+    assert manifest["metrics"]["global_step"] == json.loads((reference / "sft" / "DONE.json").read_text())[
+        "metrics"]["global_step"]
+    assert max_weight_difference(run_dir / "sft" / "final", reference / "sft" / "final") <= 1e-6
+
+
+def test_preemption_by_scontrol_requeue_loses_no_steps(tiny_run, tmp_path, slurm_cluster):
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", dpo={"betas": [0.1], "epochs": 2.0})
+    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
+    stage_dir = run_dir / "dpo" / "beta-0.1"
+    job_id = submitted_job(run_dir, "dpo")
+    wait_for_step(stage_dir / "progress.json", 40, None, timeout=300)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "terminated")
+    assert manifest["metrics"]["global_step"] == 150
+
+
+def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(tiny_run, tmp_path, slurm_cluster):
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", dpo={"betas": [0.1], "epochs": 2.0})
+    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
+    stage_dir = run_dir / "dpo" / "beta-0.1"
+    first_job = submitted_job(run_dir, "dpo")
+    wait_for_step(stage_dir / "progress.json", 32, None, timeout=300)
+    # the job's Python process dies without any warning (as on a node failure)
+    subprocess.run(["pkill", "-KILL", "-f", f"submitit.core._submit {run_dir}/jobs/dpo"], check=True)
+    deadline = time.time() + 120
+    while sacct_history(first_job)[-1][1] not in ("FAILED", "CANCELLED", "NODE_FAIL"):
+        assert time.time() < deadline, sacct_history(first_job)
+        time.sleep(1)
+    killed_at = json.loads((stage_dir / "progress.json").read_text())["step"]
+    proc = launch("resume", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
+    second_job = submitted_job(run_dir, "dpo")
+    assert second_job != first_job and "submitted job" in proc.stdout
+    wait_for_file(stage_dir / "DONE.json", 480, second_job, run_dir)
+    manifest = json.loads((stage_dir / "DONE.json").read_text())
+    (restart,) = manifest["restarts"]
+    assert restart["cause"] == "killed" and restart["resumed_from_step"] == 25
+    assert manifest["lost_steps"] == killed_at - 25 and manifest["metrics"]["global_step"] == 150
