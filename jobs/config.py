@@ -30,6 +30,17 @@ class SlurmConfig:
 class ExperimentConfig(PipelineConfig):
     slurm: SlurmConfig = doc("SLURM resources per stage.", factory=SlurmConfig)
 
+    def __post_init__(self):
+        super().__post_init__()
+        # sampling stages are one process each; they scale out as array tasks instead
+        for stage in ("pairs", "eval"):
+            resources = getattr(self.slurm, stage)
+            if resources.nodes != 1 or resources.gpus_per_node > 1:
+                raise ValueError(f"slurm.{stage}: one node and at most one GPU per job (got nodes={resources.nodes}, "
+                                 f"gpus_per_node={resources.gpus_per_node}); "
+                                 + ("raise pairs.num_shards to use more GPUs" if stage == "pairs" else
+                                    "eval runs one process"))
+
 
 GPU_JOB = {"gpus_per_node": 1, "cpus_per_task": 8, "mem": "64G"}
 SLURM_PRESETS = {

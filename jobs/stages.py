@@ -117,6 +117,7 @@ class StageJob:
         # torch would otherwise use every core of the node, not the job's share
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+        environment.export_torch_distributed()
         interrupt.clear()
         signal.signal(signal.SIGUSR2, self._on_usr2)
         signal.signal(signal.SIGTERM, self._on_term)

@@ -180,6 +180,26 @@ class WandbConfig:
                f"{self.mode!r} is not offline, online or disabled")
 
 
+ZERO_STAGES = (0, 2, 3)
+OFFLOAD = ("none", "optimizer", "optimizer+params")
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = doc("DeepSpeed ZeRO stage for SFT and DPO when a job has several processes (GPUs): "
+                          "0 = plain DDP, 2 = shard optimizer state and gradients, 3 = also parameters.", 0)
+    offload: str = doc("ZeRO CPU offload: none, optimizer, or optimizer+params (ZeRO-3 only).", "none")
+
+    def __post_init__(self):
+        _check(self.zero_stage in ZERO_STAGES, "distributed.zero_stage",
+               f"{self.zero_stage} is not one of {', '.join(map(str, ZERO_STAGES))}")
+        _check(self.offload in OFFLOAD, "distributed.offload", f"{self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        _check(self.offload == "none" or self.zero_stage > 0, "distributed.offload",
+               "CPU offload needs distributed.zero_stage=2 or 3")
+        _check(self.offload != "optimizer+params" or self.zero_stage == 3, "distributed.offload",
+               "parameter offload needs distributed.zero_stage=3")
+
+
 @dataclass
 class PipelineConfig:
     name: str = doc("Run name (used for wandb runs and job names).", "dpo")
@@ -194,6 +214,7 @@ class PipelineConfig:
     dpo: DPOConfig = doc("DPO stage (one run per beta).", factory=DPOConfig)
     eval: EvalConfig = doc("Reward-vs-KL evaluation stage.", factory=EvalConfig)
     wandb: WandbConfig = doc("Experiment tracking.", factory=WandbConfig)
+    distributed: DistributedConfig = doc("Multi-GPU / multi-node training (SFT, DPO).", factory=DistributedConfig)
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
@@ -215,6 +236,7 @@ GPT2_LARGE = {
             "save_steps": 100, "max_length": 512},
     "eval": {"num_prompts": 100, "samples_per_prompt": 4, "max_new_tokens": 128},
     "wandb": {"enabled": True, "mode": "offline"},
+    "distributed": {"zero_stage": 2},
 }
 
 # CPU-sized: the same stages on a generated corpus, a 2-layer GPT-2 and VADER; minutes on 2 cores.

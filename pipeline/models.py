@@ -34,7 +34,7 @@ def resolve_device(cfg: PipelineConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but torch sees no GPU; use --set device=cpu or run on a GPU node")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one process per GPU
     return torch.device("cpu")
 
 

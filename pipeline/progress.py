@@ -13,8 +13,9 @@ from pipeline.layout import atomic_write_json, read_json
 
 
 class ProgressFile:
-    def __init__(self, path: Path, min_interval_s: float = 0.5):
+    def __init__(self, path: Path, min_interval_s: float = 0.5, enabled: bool = True):
         self.path = Path(path)
+        self.enabled = enabled  # only the main process of a multi-process stage writes
         self.min_interval_s = min_interval_s
         self._last_write = 0.0
         previous = read_json(self.path, {}) or {}
@@ -55,6 +56,8 @@ class ProgressFile:
         self.write(force=force)
 
     def write(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
         now = time.time()
         if not force and now - self._last_write < self.min_interval_s:
             return

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from pipeline import interrupt
+from pipeline import distributed, interrupt
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.layout import atomic_replace_dir, atomic_write_json, read_json
 from pipeline.progress import ProgressFile
@@ -87,6 +87,7 @@ class CheckpointAndProgress(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        distributed.barrier()  # every rank has written its shard before the checkpoint counts
         if state.is_world_process_zero and path.is_dir():
             reason = interrupt.stop_reason() or "periodic"
             atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason})
@@ -106,14 +107,17 @@ def finish_or_raise(trainer, progress: ProgressFile) -> None:
             self.progress.update(last_metrics={k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
 
-def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file: Path) -> list[str]:
+def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file: Path, is_main: bool = True) -> list[str]:
     """Environment for the Trainer's wandb integration; returns `report_to`.
 
     The run id is stored in the run directory so a requeued job continues the same wandb run.
-    The API key is only ever read from the environment, never written.
+    The API key is only ever read from the environment, never written. Only the main process
+    logs (the Trainer's own rule), so only it touches the id file.
     """
     if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
         return []
+    if not is_main:
+        return ["wandb"]
     stored = read_json(id_file, {}) or {}
     run_id = stored.get("id")
     if not run_id:
@@ -132,8 +136,21 @@ def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file:
 
 def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, device: torch.device,
                    dtype: torch.dtype, report_to: list[str]) -> dict:
-    """TrainingArguments shared by the SFT and DPO configs (TRL's bf16/checkpointing defaults overridden)."""
-    return dict(
+    """TrainingArguments shared by the SFT and DPO configs (TRL's bf16/checkpointing defaults overridden).
+
+    With several processes: the process group made by `distributed.init` is used as configured,
+    and with ZeRO the DeepSpeed config is generated for this world size and kept in the stage dir.
+    """
+    world = distributed.world()
+    extra: dict = {}
+    if world.distributed:
+        extra["accelerator_config"] = {"use_configured_state": True}
+        if cfg.distributed.zero_stage:
+            ds = distributed.deepspeed_config(cfg.distributed.zero_stage, cfg.distributed.offload, train.batch_size,
+                                              train.grad_accum, world.size, bf16=dtype == torch.bfloat16,
+                                              fp16=dtype == torch.float16)
+            extra["deepspeed"] = distributed.write_deepspeed_config(Path(output_dir).parent / "deepspeed.json", ds)
+    return dict(**extra,
         output_dir=str(output_dir),
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
@@ -163,8 +180,10 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
 def save_final(trainer, tokenizer, final_dir: Path) -> None:
     """Final weights + tokenizer, written to a temp directory and renamed into place."""
     tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    trainer.save_model(str(tmp))  # collective under ZeRO-3 (weights gathered to rank 0)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
         atomic_replace_dir(tmp, final_dir)

@@ -35,3 +35,18 @@ def requeue(job_id: str, runner=subprocess.run) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()} "
                            "(the cluster needs JobRequeue=1 or the job --requeue)")
+
+
+def export_torch_distributed(environ: dict | None = None) -> bool:
+    """With several tasks, export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR (the allocation's first
+    node) and MASTER_PORT (derived from the job id) for torch.distributed; returns whether it did.
+
+    Each task keeps every GPU of its node visible and picks its own from LOCAL_RANK.
+    """
+    env = os.environ if environ is None else environ
+    if int(env.get("SLURM_NTASKS") or 1) <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True

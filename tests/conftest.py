@@ -91,8 +91,11 @@ def wait_for_step(progress: Path, step: int, proc: subprocess.Popen | None, time
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
+    """Largest absolute difference between two saved models' parameters (loaded as models, so tied
+    weights compare equal however each was saved: ZeRO-3 saves the tied LM head only once)."""
+    from transformers import AutoModelForCausalLM
 
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
     assert wa.keys() == wb.keys()
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)

@@ -5,6 +5,7 @@ Each test clones the finished stages of the tiny run, lengthens the stage under 
 with the same stage run uninterrupted.
 """
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -121,3 +122,19 @@ def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(tiny_ru
     (restart,) = manifest["restarts"]
     assert restart["cause"] == "killed" and restart["resumed_from_step"] == 25
     assert manifest["lost_steps"] == killed_at - 25 and manifest["metrics"]["global_step"] == 150
+
+
+def test_two_ranks_under_zero2_survive_a_time_limit_requeue(tiny_run, tmp_path, slurm_cluster):
+    # gpus_per_node=2 on the test cluster's fake GPUs: two tasks, each the job callable, gloo on the CPU
+    changes = {"dpo": {"betas": [0.1], "epochs": 3.0}, "distributed": {"zero_stage": 2},
+               "slurm": {"dpo": {**SHORT_LIMIT, "gpus_per_node": 2, "max_requeues": 6}}}
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
+    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
+    stage_dir = run_dir / "dpo" / "beta-0.1"
+    manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "timeout")
+    job_id = submitted_job(run_dir, "dpo")
+    logs = sorted((run_dir / "jobs" / "dpo").glob(f"{job_id}_*_log.out"))
+    assert len(logs) == 2, logs  # one log per task (rank)
+    assert json.loads((stage_dir / "deepspeed.json").read_text())["train_batch_size"] == 2 * 16
+    per_rank = math.ceil(manifest["inputs"]["num_pairs"] / 2)  # the distributed sampler splits the pairs
+    assert manifest["metrics"]["global_step"] == 3 * math.ceil(per_rank / 16)

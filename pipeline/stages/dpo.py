@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline import distributed
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, beta_tag, read_json, read_jsonl, write_manifest
@@ -30,17 +31,18 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
 
     setup_process(cfg)
     device = resolve_device(cfg)
+    world = distributed.init(device.type, deepspeed=cfg.distributed.zero_stage > 0)
     dtype = resolve_dtype(cfg.model, device)
     pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in read_jsonl(layout.pairs_file)]
     tokenizer = load_tokenizer(layout.sft_model)
     model = load_model(layout.sft_model, device, dtype, train=True)
     ref_model = None if cfg.dpo.precompute_ref_log_probs else load_model(layout.sft_model, device, dtype)
     stage_dir = layout.stage_dir("dpo", tag)
-    report_to = configure_wandb(cfg, layout.wandb, f"dpo-beta{tag}", stage_dir / "wandb_run.json")
+    report_to = configure_wandb(cfg, layout.wandb, f"dpo-beta{tag}", stage_dir / "wandb_run.json", world.is_main)
     args = DPOConfig(**trainer_kwargs(cfg, cfg.dpo, layout.checkpoints_dir("dpo", tag), device, dtype, report_to),
                      beta=beta, loss_type=[cfg.dpo.loss_type],
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
-    progress = ProgressFile(layout.progress_path("dpo", tag))
+    progress = ProgressFile(layout.progress_path("dpo", tag), enabled=world.is_main)
     resume = latest_checkpoint(layout.checkpoints_dir("dpo", tag))
     progress.start(resume[0] if resume else None)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
@@ -51,6 +53,9 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     save_final(trainer, tokenizer, layout.dpo_final(tag))
     metrics = train_metrics(trainer, ("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss"))
     progress.update(force=True, status="done", step=trainer.state.global_step)
+    distributed.barrier()
+    if not world.is_main:
+        return {}
     return write_manifest(layout.done_path("dpo", tag), config=to_dict(cfg), started=started,
                           inputs={"sft_model": str(layout.sft_model), "pairs": str(layout.pairs_file),
                                   "num_pairs": len(pairs)},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from pipeline import distributed
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.data import load_reviews, make_prompts
@@ -41,12 +42,15 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         return read_json(layout.done_path("sft"))
     started = time.time()
     setup_process(cfg)
-    prepare(cfg, layout)
+    device = resolve_device(cfg)
+    world = distributed.init(device.type, deepspeed=cfg.distributed.zero_stage > 0)
+    if world.is_main:
+        prepare(cfg, layout)
+    distributed.barrier()
 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.model, device)
     texts = load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
     if cfg.data.max_train_examples:
@@ -54,10 +58,10 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     tokenizer = load_tokenizer(base_model_path(cfg, layout))
     model = load_model(base_model_path(cfg, layout), device, dtype, train=True)
     stage_dir = layout.stage_dir("sft")
-    report_to = configure_wandb(cfg, layout.wandb, "sft", stage_dir / "wandb_run.json")
+    report_to = configure_wandb(cfg, layout.wandb, "sft", stage_dir / "wandb_run.json", world.is_main)
     args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, layout.checkpoints_dir("sft"), device, dtype, report_to),
                      dataset_text_field="text", packing=False)
-    progress = ProgressFile(layout.progress_path("sft"))
+    progress = ProgressFile(layout.progress_path("sft"), enabled=world.is_main)
     resume = latest_checkpoint(layout.checkpoints_dir("sft"))
     progress.start(resume[0] if resume else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
@@ -68,6 +72,9 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     save_final(trainer, tokenizer, layout.sft_model)
     metrics = train_metrics(trainer, ("loss", "train_loss", "train_runtime", "mean_token_accuracy"))
     progress.update(force=True, status="done", step=trainer.state.global_step)
+    distributed.barrier()
+    if not world.is_main:
+        return {}
     return write_manifest(layout.done_path("sft"), config=to_dict(cfg), started=started,
                           inputs={"model": base_model_path(cfg, layout), "dataset": cfg.data.dataset,
                                   "train_examples": len(texts)},

@@ -1,0 +1,102 @@
+"""Multi-process training: process-group set-up from the standard torch environment variables, and
+the DeepSpeed ZeRO config.
+
+The scheduler side (`jobs/`, from SLURM) exports RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT before a stage starts; here they are only read. With WORLD_SIZE unset or 1 everything
+is a no-op, so the same stage code runs single-process, under DDP, or under ZeRO-2/3.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.layout import atomic_write_json
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    return World(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                 size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init(device_type: str, deepspeed: bool = False) -> World:
+    """Create the process group (gloo on CPU, nccl on GPUs) before any Trainer exists.
+
+    Initialising accelerate's PartialState first matters on CPU: left to itself it comes up
+    without a backend and every rank believes it is rank 0. Under ZeRO the state must be made
+    for DeepSpeed (accelerate reads that from the environment).
+    """
+    current = world()
+    if current.distributed:
+        from accelerate import PartialState
+
+        if deepspeed:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+
+        if device_type == "cuda":
+            import torch
+
+            torch.cuda.set_device(current.local_rank)
+        PartialState(backend="nccl" if device_type == "cuda" else "gloo")
+    return current
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def deepspeed_config(zero_stage: int, offload: str, micro_batch: int, grad_accum: int, world_size: int,
+                     bf16: bool, fp16: bool, grad_clip: float = 1.0) -> dict:
+    """A DeepSpeed config whose batch sizes agree with the world size (DeepSpeed refuses others).
+
+    `offload`: none | optimizer | optimizer+params (params only with ZeRO-3).
+    """
+    if zero_stage not in (2, 3):
+        raise ValueError(f"distributed.zero_stage={zero_stage}: a DeepSpeed config exists for 2 or 3 only")
+    zero: dict = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                  "reduce_bucket_size": 5e7}
+    if zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": 5e7,
+                     "stage3_param_persistence_threshold": 1e5})
+    if offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": fp16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def write_deepspeed_config(path: Path, config: dict) -> str:
+    """Written into the stage directory (rank 0) so the run records exactly what DeepSpeed got."""
+    if world().is_main:
+        atomic_write_json(path, config)
+    barrier()
+    return str(path)
