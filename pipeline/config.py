@@ -29,6 +29,8 @@ class ModelConfig:
     n_head: int = doc("tiny only: attention heads.", 4)
     n_positions: int = doc("tiny only: context length.", 128)
     vocab_size: int = doc("tiny only: size of the byte-level BPE trained on the corpus.", 1300)
+    embedding_rows: int | None = doc("tiny only: embedding rows (null = the tokenizer's size); 50257 gives "
+                                     "GPT-2's real parameter count for benchmarks.", None)
 
     def __post_init__(self):
         _check(bool(self.name), "model.name", "must not be empty; use a hub id, a directory or 'tiny'")
@@ -37,6 +39,8 @@ class ModelConfig:
             _check(getattr(self, field) >= 1, f"model.{field}", "must be >= 1")
         _check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}")
         _check(self.vocab_size >= 300, "model.vocab_size", "must be >= 300 (256 bytes + merges + specials)")
+        if self.embedding_rows is not None:
+            _check(self.embedding_rows >= 300, "model.embedding_rows", "must be >= 300 or null")
 
 
 @dataclass
@@ -186,8 +190,8 @@ OFFLOAD = ("none", "optimizer", "optimizer+params")
 
 @dataclass
 class DistributedConfig:
-    zero_stage: int = doc("DeepSpeed ZeRO stage for SFT and DPO when a job has several processes (GPUs): "
-                          "0 = plain DDP, 2 = shard optimizer state and gradients, 3 = also parameters.", 0)
+    zero_stage: int = doc("DeepSpeed ZeRO stage for SFT and DPO: 0 = off (plain DDP with several GPUs), "
+                          "2 = shard optimizer state and gradients, 3 = also parameters.", 0)
     offload: str = doc("ZeRO CPU offload: none, optimizer, or optimizer+params (ZeRO-3 only).", "none")
 
     def __post_init__(self):

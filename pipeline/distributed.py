@@ -39,21 +39,32 @@ def init(device_type: str, deepspeed: bool = False) -> World:
 
     Initialising accelerate's PartialState first matters on CPU: left to itself it comes up
     without a backend and every rank believes it is rank 0. Under ZeRO the state must be made
-    for DeepSpeed (accelerate reads that from the environment).
+    for DeepSpeed (accelerate reads that from the environment), also for a single process,
+    which then needs the rendezvous variables too (DeepSpeed otherwise tries MPI discovery).
     """
+    if deepspeed and "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     current = world()
-    if current.distributed:
+    if current.distributed or deepspeed:
         from accelerate import PartialState
 
         if deepspeed:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-
         if device_type == "cuda":
             import torch
 
             torch.cuda.set_device(current.local_rank)
         PartialState(backend="nccl" if device_type == "cuda" else "gloo")
     return current
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def barrier() -> None:

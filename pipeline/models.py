@@ -59,7 +59,8 @@ def build_tiny_base(cfg: ModelConfig, texts: list[str], out_dir: Path, seed: int
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                         pad_token=EOS, padding_side="left", model_max_length=cfg.n_positions)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+    rows = max(len(tokenizer), cfg.embedding_rows or 0)
+    config = GPT2Config(vocab_size=rows, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)

@@ -143,7 +143,7 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
     """
     world = distributed.world()
     extra: dict = {}
-    if world.distributed:
+    if world.distributed or cfg.distributed.zero_stage:
         extra["accelerator_config"] = {"use_configured_state": True}
         if cfg.distributed.zero_stage:
             ds = distributed.deepspeed_config(cfg.distributed.zero_stage, cfg.distributed.offload, train.batch_size,
@@ -197,4 +197,6 @@ def train_metrics(trainer, prefix_keys: tuple[str, ...]) -> dict:
             if key.startswith(prefix_keys):
                 last[key] = value
     last["global_step"] = trainer.state.global_step
+    if torch.cuda.is_available():
+        last["memory/peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return last
