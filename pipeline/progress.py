@@ -27,7 +27,7 @@ class ProgressFile:
             "status": previous.get("status", "new"),
         }
 
-    def start(self, resumed_from_step: int | None) -> None:
+    def start(self, resumed_from_step: int | None, **details) -> None:
         """Record a (re)start; a start after the first is a restart, with the step it resumed from."""
         if self.path.exists():
             previous = self.state.get("status", "")
@@ -39,6 +39,7 @@ class ProgressFile:
                 "step_before": self.state.get("step", 0),
                 "resumed_from_step": resumed_from_step or 0,
                 "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                **details,
             })
         self.state["status"] = "running"
         # for the ETA: steps of this attempt over its wall time

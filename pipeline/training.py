@@ -69,8 +69,9 @@ class CheckpointAndProgress(TrainerCallback):
     a stop request (set by a signal handler) into a save at the current step followed by a stop.
     """
 
-    def __init__(self, progress: ProgressFile, keep_last: int, eval_every: int | None):
+    def __init__(self, progress: ProgressFile, keep_last: int, eval_every: int | None, zero_stage: int = 0):
         self.progress = progress
+        self.zero_stage = zero_stage
         self.keep_last = keep_last
         self.eval_every = eval_every
 
@@ -90,7 +91,9 @@ class CheckpointAndProgress(TrainerCallback):
         distributed.barrier()  # every rank has written its shard before the checkpoint counts
         if state.is_world_process_zero and path.is_dir():
             reason = interrupt.stop_reason() or "periodic"
-            atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason})
+            atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason,
+                                                "world_size": distributed.world().size,
+                                                "zero_stage": self.zero_stage})
             prune_checkpoints(Path(args.output_dir), self.keep_last, self.eval_every)
             self.progress.update(force=True, step=state.global_step, last_checkpoint=path.name)
 
@@ -134,8 +137,39 @@ def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file:
     return ["wandb"]
 
 
+def prepare_resume(checkpoints_dir: Path, zero_stage: int) -> tuple[int, Path, bool] | None:
+    """The checkpoint to resume from, and whether DeepSpeed must load it as a universal checkpoint.
+
+    A ZeRO checkpoint is sharded per rank; when the job now runs with another number of processes
+    (or ZeRO stage), rank 0 converts it to DeepSpeed's universal format first (once), so the step,
+    optimizer state and LR schedule continue instead of restarting.
+    """
+    found = latest_checkpoint(checkpoints_dir)
+    if found is None:
+        return None
+    step, path = found
+    saved = read_json(path / COMPLETE, {}) or {}
+    world = distributed.world()
+    same_layout = (saved.get("world_size", world.size), saved.get("zero_stage", zero_stage)) == (world.size, zero_stage)
+    if not zero_stage or not saved.get("zero_stage") or same_layout:
+        return step, path, False
+    tag = f"global_step{step}"
+    universal = path / f"{tag}_universal"
+    if world.is_main and not (path / "latest_universal").is_file():
+        import subprocess
+        import sys
+
+        shutil.rmtree(universal, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / tag),
+                        "--output_folder", str(universal), "--inject_missing_state", "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], check=True, stdout=subprocess.DEVNULL)
+        (path / "latest_universal").write_text(universal.name)  # marks the conversion complete
+    distributed.barrier()
+    return step, path, True
+
+
 def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, device: torch.device,
-                   dtype: torch.dtype, report_to: list[str]) -> dict:
+                   dtype: torch.dtype, report_to: list[str], load_universal: bool = False) -> dict:
     """TrainingArguments shared by the SFT and DPO configs (TRL's bf16/checkpointing defaults overridden).
 
     With several processes: the process group made by `distributed.init` is used as configured,
@@ -149,6 +183,8 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
             ds = distributed.deepspeed_config(cfg.distributed.zero_stage, cfg.distributed.offload, train.batch_size,
                                               train.grad_accum, world.size, bf16=dtype == torch.bfloat16,
                                               fp16=dtype == torch.float16)
+            if load_universal:
+                ds["checkpoint"] = {"load_universal": True}
             extra["deepspeed"] = distributed.write_deepspeed_config(Path(output_dir).parent / "deepspeed.json", ds)
     return dict(**extra,
         output_dir=str(output_dir),

@@ -153,3 +153,27 @@ def test_zero3_killed_ranks_resume_and_match_zero2(tiny_run, zero2_reference, tm
     assert restart["resumed_from_step"] == 25
     # same data and optimiser, different reduction order: equal up to float32 rounding drift
     assert max_weight_difference(stage_dir / "final", zero2_reference / "dpo" / "beta-0.1" / "final") < 1e-3
+
+
+@pytest.mark.slow
+def test_zero2_resumes_on_a_different_process_count_via_a_universal_checkpoint(tiny_run, zero2_reference, tmp_path):
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "run", distributed={"zero_stage": 2})
+    stage_dir = run_dir / "dpo" / "beta-0.1"
+    procs = start_ranks(run_dir, "dpo", "0.1", world_size=2)
+    wait_for_step(stage_dir / "progress.json", 27, procs[0], timeout=600)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    finish(start_ranks(run_dir, "dpo", "0.1", world_size=1))  # resubmitted with half the GPUs
+    manifest = json.loads((stage_dir / "DONE.json").read_text())
+    (restart,) = manifest["restarts"]
+    assert restart["resumed_from_step"] == 25 and restart["world_size"] == 1 and restart["universal_checkpoint"]
+    assert (stage_dir / "checkpoints" / "checkpoint-25" / "latest_universal").read_text() == "global_step25_universal"
+    # the step continues (not restarted): 25 steps of 2x16 pairs, then the rest of the epoch at 16 per step
+    pairs = manifest["inputs"]["num_pairs"]
+    assert manifest["metrics"]["global_step"] == math.ceil(pairs / 16)
+    trainer_state = json.loads((stage_dir / "checkpoints" / f"checkpoint-{manifest['metrics']['global_step']}"
+                                / "trainer_state.json").read_text())
+    logged = [e["step"] for e in trainer_state["log_history"] if "loss" in e]
+    assert logged[0] == 1 and min(s for s in logged if s > 25) <= 30  # logs continue after step 25
+    assert manifest["metrics"]["rewards/accuracies"] > 0.5

@@ -26,7 +26,7 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
-    from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, latest_checkpoint,
+    from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, prepare_resume,
                                    save_final, train_metrics, trainer_kwargs)
 
     setup_process(cfg)
@@ -39,15 +39,17 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     ref_model = None if cfg.dpo.precompute_ref_log_probs else load_model(layout.sft_model, device, dtype)
     stage_dir = layout.stage_dir("dpo", tag)
     report_to = configure_wandb(cfg, layout.wandb, f"dpo-beta{tag}", stage_dir / "wandb_run.json", world.is_main)
-    args = DPOConfig(**trainer_kwargs(cfg, cfg.dpo, layout.checkpoints_dir("dpo", tag), device, dtype, report_to),
+    resume = prepare_resume(layout.checkpoints_dir("dpo", tag), cfg.distributed.zero_stage)
+    args = DPOConfig(**trainer_kwargs(cfg, cfg.dpo, layout.checkpoints_dir("dpo", tag), device, dtype, report_to,
+                                    load_universal=bool(resume and resume[2])),
                      beta=beta, loss_type=[cfg.dpo.loss_type],
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
     progress = ProgressFile(layout.progress_path("dpo", tag), enabled=world.is_main)
-    resume = latest_checkpoint(layout.checkpoints_dir("dpo", tag))
-    progress.start(resume[0] if resume else None)
+    progress.start(resume[0] if resume else None, world_size=world.size,
+                   universal_checkpoint=bool(resume and resume[2]))
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=tokenizer,
-                         callbacks=[CheckpointAndProgress(progress, cfg.dpo.keep_last, cfg.dpo.save_steps)])
+                         callbacks=[CheckpointAndProgress(progress, cfg.dpo.keep_last, cfg.dpo.save_steps, cfg.distributed.zero_stage)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finish_or_raise(trainer, progress)
     save_final(trainer, tokenizer, layout.dpo_final(tag))

@@ -14,7 +14,7 @@ from pipeline.data import load_reviews, make_prompts
 from pipeline.layout import RunLayout, atomic_write_jsonl, read_json, write_manifest
 from pipeline.models import build_tiny_base, load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
 from pipeline.progress import ProgressFile
-from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, latest_checkpoint,
+from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, prepare_resume,
                                save_final, train_metrics, trainer_kwargs)
 
 
@@ -59,14 +59,16 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     model = load_model(base_model_path(cfg, layout), device, dtype, train=True)
     stage_dir = layout.stage_dir("sft")
     report_to = configure_wandb(cfg, layout.wandb, "sft", stage_dir / "wandb_run.json", world.is_main)
-    args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, layout.checkpoints_dir("sft"), device, dtype, report_to),
+    resume = prepare_resume(layout.checkpoints_dir("sft"), cfg.distributed.zero_stage)
+    args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, layout.checkpoints_dir("sft"), device, dtype, report_to,
+                                    load_universal=bool(resume and resume[2])),
                      dataset_text_field="text", packing=False)
     progress = ProgressFile(layout.progress_path("sft"), enabled=world.is_main)
-    resume = latest_checkpoint(layout.checkpoints_dir("sft"))
-    progress.start(resume[0] if resume else None)
+    progress.start(resume[0] if resume else None, world_size=world.size,
+                   universal_checkpoint=bool(resume and resume[2]))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                          processing_class=tokenizer,
-                         callbacks=[CheckpointAndProgress(progress, cfg.sft.keep_last, None)])
+                         callbacks=[CheckpointAndProgress(progress, cfg.sft.keep_last, None, cfg.distributed.zero_stage)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finish_or_raise(trainer, progress)
     save_final(trainer, tokenizer, layout.sft_model)
