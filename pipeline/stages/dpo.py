@@ -33,7 +33,11 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     device = resolve_device(cfg)
     world = distributed.init(device.type, deepspeed=cfg.distributed.zero_stage > 0)
     dtype = resolve_dtype(cfg.model, device)
-    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in read_jsonl(layout.pairs_file)]
+    # Loaded from the file with an on-disk cache shared by every beta: tokenisation and (with
+    # dpo.precompute_ref_log_probs) the reference log-probs are computed once per run and reused
+    # by the other betas and after a requeue (TRL keys that cache by data and reference weights).
+    pairs = Dataset.from_json(str(layout.pairs_file), cache_dir=str(layout.stage_dir("dpo") / "cache"),
+                              split="train").select_columns(["prompt", "chosen", "rejected"])
     tokenizer = load_tokenizer(layout.sft_model)
     model = load_model(layout.sft_model, device, dtype, train=True)
     ref_model = None if cfg.dpo.precompute_ref_log_probs else load_model(layout.sft_model, device, dtype)
@@ -47,7 +51,7 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     progress = ProgressFile(layout.progress_path("dpo", tag), enabled=world.is_main)
     progress.start(resume[0] if resume else None, world_size=world.size,
                    universal_checkpoint=bool(resume and resume[2]))
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(pairs),
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs,
                          processing_class=tokenizer,
                          callbacks=[CheckpointAndProgress(progress, cfg.dpo.keep_last, cfg.dpo.save_steps, cfg.distributed.zero_stage)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
