@@ -112,16 +112,20 @@ class PlannedJob:
 
 
 def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None,
-               until: str | None = None) -> tuple[list[PlannedJob], dict[str, list[str]]]:
+               until: str | None = None) -> tuple[list[PlannedJob], list[str]]:
     """What to submit now: per stage, the tasks neither done nor queued/running.
 
-    Returns the planned jobs and, per stage, the ids of still-active jobs that dependants must wait for.
+    A task still PENDING while one of its upstream stages is being resubmitted waits on the old,
+    failed job (it would never start, or is about to be cancelled): it is replanned too, behind
+    the new job. Returns the planned jobs and the ids of such stale jobs to cancel first.
     """
     latest = records.latest(layout)
     states = states or {}
     active: dict[str, list[str]] = {}
     planned: list[PlannedJob] = []
+    stale: list[str] = []
     for stage in stages_until(until):
+        upstream_replanned = any(p.stage.name in stage.after for p in planned)
         todo = []
         for task in stage_tasks(stage, cfg):
             if is_task_done(layout, stage.name, task):
@@ -129,14 +133,16 @@ def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue
             entry = latest.get((stage.name, records.task_key(task)))
             record = states.get(entry[1]) if entry else None
             if record is not None and record.state in queue.ACTIVE_STATES:
-                active.setdefault(stage.name, []).append(entry[1])
-                continue
+                if not (upstream_replanned and record.state == "PENDING"):
+                    active.setdefault(stage.name, []).append(entry[1])
+                    continue
+                stale.append(entry[1])
             todo.append(task)
         if todo:
             deps = [job for upstream in stage.after for job in active.get(upstream, [])]
             deps += [f"<{upstream}>" for upstream in stage.after if any(p.stage.name == upstream for p in planned)]
             planned.append(PlannedJob(stage, todo, stage_resources(cfg, stage), deps))
-    return planned, active
+    return planned, stale
 
 
 def stage_job(layout: RunLayout, stage: str, task: str | None, resources: SlurmResources) -> StageJob:
@@ -164,7 +170,10 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
     """Submit every stage that is not done or active, wired with afterok dependencies; returns at once."""
     known = [job_id for _, job_id in records.latest(layout).values()]
     states = queue.query_jobs(known) if known else {}
-    planned, _ = plan_slurm(cfg, layout, states, until)
+    planned, stale = plan_slurm(cfg, layout, states, until)
+    if stale:
+        queue.cancel_jobs(stale)
+        log(f"cancelled {len(stale)} pending job(s) waiting on failed upstream jobs: {' '.join(stale)}")
     submitted: dict[str, str] = {}
     made = []
     for job in planned:

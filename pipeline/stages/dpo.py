@@ -9,7 +9,7 @@ import time
 from pipeline import distributed
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
-from pipeline.layout import RunLayout, beta_tag, read_json, read_jsonl, write_manifest
+from pipeline.layout import RunLayout, beta_tag, read_json, write_manifest
 from pipeline.progress import ProgressFile
 
 
