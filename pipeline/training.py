@@ -97,6 +97,10 @@ class CheckpointAndProgress(TrainerCallback):
             prune_checkpoints(Path(args.output_dir), self.keep_last, self.eval_every)
             self.progress.update(force=True, step=state.global_step, last_checkpoint=path.name)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.progress.update(last_metrics={k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
 
 def finish_or_raise(trainer, progress: ProgressFile) -> None:
     """After `trainer.train()`: if it stopped on request, record that and raise StageInterrupted."""
@@ -104,10 +108,6 @@ def finish_or_raise(trainer, progress: ProgressFile) -> None:
     if reason is not None:
         progress.update(force=True, status=f"interrupted ({reason})", step=trainer.state.global_step)
         interrupt.check(trainer.state.global_step, "checkpoint saved")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
-            self.progress.update(last_metrics={k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
 
 def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file: Path, is_main: bool = True) -> list[str]:

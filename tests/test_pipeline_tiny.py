@@ -71,6 +71,8 @@ def test_manifests_record_what_ran(tiny_run):
         assert manifest["versions"]["trl"] and manifest["wall_time_s"] > 0
     dpo = json.loads((tiny_run / "dpo" / "beta-0.1" / "DONE.json").read_text())
     assert dpo["beta"] == 0.1 and dpo["metrics"]["rewards/accuracies"] > 0.5 and dpo["lost_steps"] == 0
+    progress = json.loads((tiny_run / "dpo" / "beta-0.1" / "progress.json").read_text())
+    assert progress["status"] == "done" and "train_loss" in progress["last_metrics"]  # the Trainer's last log
     assert (tiny_run / "config.yaml").is_file()
 
 
