@@ -45,8 +45,13 @@ def check(step: int | None = None, detail: str = "") -> None:
         raise StageInterrupted(_reason, step, detail)
 
 
-def synchronized_stop_requested() -> bool:
-    """True on every rank if any rank was asked to stop (ranks may get the signal at different steps)."""
+SYNC_EVERY_STEPS = 5  # ranks agree on a stop every few steps: a collective + host sync per step would cost speed
+
+
+def synchronized_stop_requested(step: int) -> bool:
+    """True on every rank, at the same step, if any rank was asked to stop (ranks may see a signal at
+    different steps). With several processes they compare flags every SYNC_EVERY_STEPS steps only.
+    """
     requested = _reason is not None
     try:
         import torch.distributed as dist
@@ -54,11 +59,20 @@ def synchronized_stop_requested() -> bool:
         return requested
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return requested
+    if step % SYNC_EVERY_STEPS:
+        return False
     import torch
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1.0 if requested else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() > 0 and _reason is None:
-        request_stop("peer")
-    return bool(flag.item() > 0)
+    # the reason travels too (as a code, the highest wins) so that rank 0, which requeues, knows it
+    # even when only another rank got the signal
+    code = torch.tensor([float(_REASON_CODES.get(_reason, 1) if requested else 0)], device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    agreed = int(code.item())
+    if agreed and _reason is None:
+        request_stop(_CODE_REASONS.get(agreed, "peer"))
+    return agreed > 0
+
+
+_REASON_CODES = {"terminated": 1, "preempted": 2, "timeout": 3}
+_CODE_REASONS = {code: reason for reason, code in _REASON_CODES.items()}

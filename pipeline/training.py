@@ -81,7 +81,7 @@ class CheckpointAndProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.progress.update(step=state.global_step, total_steps=state.max_steps)
-        if interrupt.synchronized_stop_requested():
+        if interrupt.synchronized_stop_requested(state.global_step):
             control.should_save = True           # every rank takes part in this save
             control.should_training_stop = True
         return control

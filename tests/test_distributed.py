@@ -103,6 +103,15 @@ def finish(procs: list[subprocess.Popen], timeout: float = 900) -> None:
         assert p.returncode == 0, out[-4000:]
 
 
+def kill_ranks_after(run_dir: Path, step: int) -> None:
+    """Two ranks of DPO beta=0.1, SIGKILLed (no warning, no save) once `step` is reached."""
+    procs = start_ranks(run_dir, "dpo", "0.1")
+    wait_for_step(run_dir / "dpo" / "beta-0.1" / "progress.json", step, procs[0], timeout=600)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+
+
 @pytest.fixture(scope="module")
 def zero2_reference(tiny_run, tmp_path_factory):
     run_dir = clone_before_dpo(tiny_run, tmp_path_factory.mktemp("z2") / "run", distributed={"zero_stage": 2})
@@ -127,11 +136,7 @@ def test_zero2_two_processes_train_and_record_the_deepspeed_config(zero2_referen
 def test_zero2_killed_ranks_resume_exactly(tiny_run, zero2_reference, tmp_path):
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", distributed={"zero_stage": 2})
     stage_dir = run_dir / "dpo" / "beta-0.1"
-    procs = start_ranks(run_dir, "dpo", "0.1")
-    wait_for_step(stage_dir / "progress.json", 27, procs[0], timeout=600)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
+    kill_ranks_after(run_dir, 27)
     finish(start_ranks(run_dir, "dpo", "0.1"))
     (restart,) = json.loads((stage_dir / "DONE.json").read_text())["restarts"]
     assert restart["resumed_from_step"] == 25 and restart["cause"] == "killed"
@@ -142,11 +147,7 @@ def test_zero2_killed_ranks_resume_exactly(tiny_run, zero2_reference, tmp_path):
 def test_zero3_killed_ranks_resume_and_match_zero2(tiny_run, zero2_reference, tmp_path):
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", distributed={"zero_stage": 3})
     stage_dir = run_dir / "dpo" / "beta-0.1"
-    procs = start_ranks(run_dir, "dpo", "0.1")
-    wait_for_step(stage_dir / "progress.json", 27, procs[0], timeout=600)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
+    kill_ranks_after(run_dir, 27)
     finish(start_ranks(run_dir, "dpo", "0.1"))
     assert json.loads((stage_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 3
     (restart,) = json.loads((stage_dir / "DONE.json").read_text())["restarts"]
@@ -159,11 +160,7 @@ def test_zero3_killed_ranks_resume_and_match_zero2(tiny_run, zero2_reference, tm
 def test_zero2_resumes_on_a_different_process_count_via_a_universal_checkpoint(tiny_run, zero2_reference, tmp_path):
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", distributed={"zero_stage": 2})
     stage_dir = run_dir / "dpo" / "beta-0.1"
-    procs = start_ranks(run_dir, "dpo", "0.1", world_size=2)
-    wait_for_step(stage_dir / "progress.json", 27, procs[0], timeout=600)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
+    kill_ranks_after(run_dir, 27)
     finish(start_ranks(run_dir, "dpo", "0.1", world_size=1))  # resubmitted with half the GPUs
     manifest = json.loads((stage_dir / "DONE.json").read_text())
     (restart,) = manifest["restarts"]

@@ -1,0 +1,41 @@
+"""Stop requests agreed across ranks: same step on every rank, the reason reaches rank 0."""
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline import interrupt
+
+
+def _rank(rank: int, port: int, results) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    interrupt.clear()
+    seen = []
+    for step in range(1, 11):
+        if rank == 1 and step == 2:
+            interrupt.request_stop("timeout")  # only rank 1 got the signal
+        stop = interrupt.synchronized_stop_requested(step)
+        seen.append(stop)
+        if stop:
+            break
+    results[rank] = (step, interrupt.stop_reason(), seen.count(True))
+    dist.destroy_process_group()
+
+
+def test_ranks_stop_together_and_rank0_learns_the_reason():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank, args=(port, results), nprocs=2, join=True)
+    assert results[0] == results[1] == (interrupt.SYNC_EVERY_STEPS, "timeout", 1)
+
+
+def test_single_process_stops_at_the_very_next_step():
+    interrupt.clear()
+    assert not interrupt.synchronized_stop_requested(1)
+    interrupt.request_stop("terminated")
+    assert interrupt.synchronized_stop_requested(2)  # no peers to agree with: no waiting
+    interrupt.clear()
