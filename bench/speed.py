@@ -75,10 +75,10 @@ class Sizes:
     sft_warmup_steps: int
     sft_steps: int
     # gen: sequences sampled (prompts x 4 completions) and new tokens each
-    gen_sequences: int
+    gen_sequences: int             # sampled by the project variants (the baseline samples gen_batch_baseline)
     gen_new_tokens: int
     gen_batch: int | None          # None = the project's pairs.batch_size
-    gen_batch_large: int
+    gen_batch_baseline: int
     # reward: RoBERTa-shaped classifier built from config
     clf_layers: int
     clf_hidden: int
@@ -95,14 +95,14 @@ class Sizes:
 FULL = Sizes(n_layer=36, n_embd=1280, n_head=20, n_positions=1024, vocab=50257,
              dpo_prompt_tokens=8, dpo_completion_min=48, dpo_completion_max=192, dpo_warmup_steps=3, dpo_steps=15,
              sft_median=230, sft_mean=300, sft_max_length=1024, sft_warmup_steps=2, sft_steps=10,
-             gen_sequences=256, gen_new_tokens=128, gen_batch=None, gen_batch_large=256,
+             gen_sequences=1000, gen_new_tokens=128, gen_batch=None, gen_batch_baseline=256,
              clf_layers=24, clf_hidden=1024, clf_heads=16, clf_intermediate=4096, reward_sequences=128,
-             reward_tokens=160, eval_prompts=16, eval_new_tokens=128, eval_batch=None)
+             reward_tokens=160, eval_prompts=100, eval_new_tokens=128, eval_batch=None)
 
 TINY = Sizes(n_layer=2, n_embd=128, n_head=4, n_positions=256, vocab=1024,
              dpo_prompt_tokens=4, dpo_completion_min=12, dpo_completion_max=48, dpo_warmup_steps=1, dpo_steps=3,
              sft_median=40, sft_mean=52, sft_max_length=128, sft_warmup_steps=1, sft_steps=3,
-             gen_sequences=16, gen_new_tokens=16, gen_batch=8, gen_batch_large=16,
+             gen_sequences=16, gen_new_tokens=16, gen_batch=8, gen_batch_baseline=8,
              clf_layers=2, clf_hidden=64, clf_heads=2, clf_intermediate=128, reward_sequences=32,
              reward_tokens=40, eval_prompts=4, eval_new_tokens=16, eval_batch=8)
 
@@ -358,7 +358,17 @@ class CountingCollator:
         batch = self.inner(examples)
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        self.tokens.append(int(mask.sum()) if mask is not None else int(ids.numel()))  # padding-free: all real
+        if mask is not None:
+            real = int(mask.sum())
+        elif "position_ids" in batch and "labels" in batch:
+            # packed rows (no mask): the targets plus each review's first token (position 0 followed by 1);
+            # right padding also has position 0 but is followed by another 0
+            pos = batch["position_ids"]
+            starts = (pos[:, :-1] == 0) & (pos[:, 1:] == 1)
+            real = int((batch["labels"] != -100).sum()) + int(starts.sum())
+        else:
+            real = int(ids.numel())
+        self.tokens.append(real)
         self.padded.append(int(ids.numel()))
         return batch
 
@@ -444,14 +454,22 @@ class Context:
         return str(dtype).removeprefix("torch.")
 
 
+def compiling(train_cfg, ctx: Context) -> bool:
+    return any(mode != "off" for mode in [train_cfg.compile, *ctx.args.compile_modes])
+
+
 def bench_dpo(ctx: Context) -> list[dict]:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from pipeline.batching import dpo_trainer_class
+    from pipeline.models import MASTER_WEIGHTS
     from pipeline.training import trainer_kwargs
 
     s, cfg, device = ctx.sizes, ctx.cfg, ctx.device
-    warmup, steps = s.dpo_warmup_steps, s.dpo_steps
+    # compiled variants compile (and record CUDA graphs) for each new batch shape during the warm-up
+    warmup = s.dpo_warmup_steps + (ctx.args.compile_warmup_steps if compiling(cfg.dpo, ctx) else 0)
+    steps = s.dpo_steps
     batch = cfg.dpo.batch_size
     total_steps = warmup + steps
     rows_data = dpo_pairs(s, total_steps * batch)  # exactly the steps run: precompute covers just these
@@ -468,26 +486,30 @@ def bench_dpo(ctx: Context) -> list[dict]:
         return DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows_data),
                           processing_class=ctx.tokenizer)
 
-    def project(precompute: bool):
+    def project(compile_mode: str):
         def make():
-            # as pipeline/stages/dpo.py: weights in the resolved dtype, a live reference unless precomputed
-            policy = model_copy(ctx.base, ctx.project_dtype, train=True)
-            ref = None if precompute else model_copy(ctx.base, ctx.project_dtype, train=False)
-            kwargs = trainer_kwargs(cfg, cfg.dpo, out_dir, device, ctx.project_dtype, report_to=[])
+            # as pipeline/stages/dpo.py: float32 master weights + autocast, the preset's dpo settings
+            dpo = dataclasses.replace(cfg.dpo, compile=compile_mode)
+            policy = model_copy(ctx.base, MASTER_WEIGHTS, train=True)
+            ref = None if dpo.precompute_ref_log_probs else model_copy(ctx.base, MASTER_WEIGHTS, train=False)
+            kwargs = trainer_kwargs(cfg, dpo, out_dir, device, ctx.project_dtype, report_to=[])
             kwargs.update(max_steps=total_steps, save_strategy="no")
-            args = DPOConfig(**kwargs, beta=cfg.dpo.betas[0], loss_type=[cfg.dpo.loss_type],
-                             precompute_ref_log_probs=precompute)
-            return DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows_data),
-                              processing_class=ctx.tokenizer)
+            args = DPOConfig(**kwargs, beta=dpo.betas[0], loss_type=[dpo.loss_type],
+                             precompute_ref_log_probs=dpo.precompute_ref_log_probs)
+            return dpo_trainer_class()(model=policy, ref_model=ref, args=args,
+                                       train_dataset=Dataset.from_list(rows_data), processing_class=ctx.tokenizer)
         return make
 
-    base_dt, proj_dt = ctx.dtype_name(ctx.baseline_dtype), ctx.dtype_name(ctx.project_dtype)
-    amp = "+bf16 autocast" if ctx.on_gpu else ""
-    variants = [
-        ("baseline", f"TRL defaults: {base_dt} weights{amp}, grad ckpt ON, live ref", baseline, True),
-        ("project", f"trainer_kwargs: {proj_dt} weights{amp}, grad ckpt OFF, live ref", project(False), True),
-        ("project+precompute", "as project, precompute_ref_log_probs=True", project(True), False),
-    ]
+    base_dt = ctx.dtype_name(ctx.baseline_dtype)
+    amp = f"+{ctx.dtype_name(ctx.project_dtype)} autocast" if ctx.on_gpu else ""
+    d = cfg.dpo
+    preset = (f"preset: float32 weights{amp}, grad ckpt {'ON' if d.gradient_checkpointing else 'OFF'}, "
+              f"{'precomputed' if d.precompute_ref_log_probs else 'live'} ref, group_by_length={d.group_by_length}, "
+              f"pad_to_multiple_of={d.pad_to_multiple_of}")
+    variants = [("baseline", f"TRL defaults: {base_dt} weights{amp}, grad ckpt ON, live ref", baseline, True),
+                ("project", preset + f", compile={d.compile}", project(d.compile), not d.precompute_ref_log_probs)]
+    variants += [(f"project+compile={mode}", f"as project, dpo.compile={mode}", project(mode),
+                  not d.precompute_ref_log_probs) for mode in ctx.args.compile_modes if mode != d.compile]
     rows, baseline_rate = [], None
     projected_steps = math.ceil(cfg.pairs.num_prompts * math.comb(cfg.pairs.completions_per_prompt, 2) / batch)
     for name, settings, make, live_ref in variants:
@@ -519,7 +541,7 @@ def bench_dpo(ctx: Context) -> list[dict]:
             free_memory(device)
         rows.append(row)
         if "amortized_steps_per_s" in row:
-            rows.append({"workload": "dpo", "variant": "project+precompute (amortized)",
+            rows.append({"workload": "dpo", "variant": f"{name} (amortized)",
                          "settings": "incl. the reference log-prob pass", "unit": "steps/s",
                          "value": row["amortized_steps_per_s"], "mfu": row["amortized_mfu"],
                          "vs_baseline": row["amortized_steps_per_s"] / baseline_rate if baseline_rate else None,
@@ -531,10 +553,13 @@ def bench_sft(ctx: Context) -> list[dict]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from pipeline.batching import PackedRowsCollator
+    from pipeline.models import MASTER_WEIGHTS
     from pipeline.training import trainer_kwargs
 
     s, cfg, device = ctx.sizes, ctx.cfg, ctx.device
-    warmup, steps = s.sft_warmup_steps, s.sft_steps
+    warmup = s.sft_warmup_steps + (ctx.args.compile_warmup_steps if compiling(cfg.sft, ctx) else 0)
+    steps = s.sft_steps
     batch = cfg.sft.batch_size
     total_steps = warmup + steps
     # enough text for packing too: packed rows hold max_length tokens each
@@ -553,24 +578,34 @@ def bench_sft(ctx: Context) -> list[dict]:
         return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                           processing_class=ctx.tokenizer)
 
-    def project(packing: bool):
+    def project(packing: bool, compile_mode: str):
         def make():
-            # as pipeline/stages/sft.py
-            model = model_copy(ctx.base, ctx.project_dtype, train=True)
-            kwargs = trainer_kwargs(cfg, cfg.sft, out_dir, device, ctx.project_dtype, report_to=[])
+            # as pipeline/stages/sft.py: float32 master weights + autocast, the preset's sft settings
+            sft = dataclasses.replace(cfg.sft, packing=packing, compile=compile_mode)
+            model = model_copy(ctx.base, MASTER_WEIGHTS, train=True)
+            kwargs = trainer_kwargs(cfg, sft, out_dir, device, ctx.project_dtype, report_to=[])
             kwargs.update(max_steps=total_steps, save_strategy="no")
-            args = SFTConfig(**kwargs, dataset_text_field="text", packing=packing)
-            return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                              processing_class=ctx.tokenizer)
+            args = SFTConfig(**kwargs, dataset_text_field="text", packing=sft.packing, packing_strategy="bfd")
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                 processing_class=ctx.tokenizer)
+            if sft.packing:
+                trainer.data_collator = PackedRowsCollator(ctx.tokenizer.pad_token_id, sft.pad_to_multiple_of)
+            return trainer
         return make
 
-    base_dt, proj_dt = ctx.dtype_name(ctx.baseline_dtype), ctx.dtype_name(ctx.project_dtype)
-    amp = "+bf16 autocast" if ctx.on_gpu else ""
+    base_dt = ctx.dtype_name(ctx.baseline_dtype)
+    amp = f"+{ctx.dtype_name(ctx.project_dtype)} autocast" if ctx.on_gpu else ""
+    f = cfg.sft
+    preset = f"preset: float32 weights{amp}, grad ckpt {'ON' if f.gradient_checkpointing else 'OFF'}"
     variants = [
         ("baseline", f"TRL defaults: {base_dt} weights{amp}, grad ckpt ON, padded batches", baseline),
-        ("project", f"trainer_kwargs: {proj_dt} weights{amp}, grad ckpt OFF, padded batches", project(False)),
-        ("project+packing", "as project, packing=True (bfd, padding-free)", project(True)),
+        ("project", preset + f", packing={f.packing} (rows of max_length, per-row block-diagonal mask), "
+                             f"compile={f.compile}", project(f.packing, f.compile)),
     ]
+    if f.packing:
+        variants.append(("project, padded", "as project, packing=False (padded batches)", project(False, f.compile)))
+    variants += [(f"project+compile={mode}", f"as project, sft.compile={mode}", project(f.packing, mode))
+                 for mode in ctx.args.compile_modes if mode != f.compile]
     projected_tokens = IMDB_TRAIN_REVIEWS * mean_len
     rows, baseline_rate = [], None
     for name, settings, make in variants:
@@ -608,38 +643,45 @@ def bench_gen(ctx: Context) -> list[dict]:
 
     s, cfg, device, tok = ctx.sizes, ctx.cfg, ctx.device, ctx.tokenizer
     k = cfg.pairs.completions_per_prompt
-    n_prompts = max(1, s.gen_sequences // k)
-    prompt_list = prompts(s, n_prompts, cfg)
-    flat = [p for p in prompt_list for _ in range(k)]
+    prompt_list = prompts(s, max(1, s.gen_sequences // k), cfg)
+    baseline_batch = s.gen_batch_baseline
+    baseline_flat = [p for p in prompt_list[:max(1, baseline_batch // k)] for _ in range(k)]
     batch = cfg.pairs.batch_size
     target_sequences = cfg.pairs.num_prompts * k
     sampling = dict(temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k, top_p=cfg.pairs.top_p)
 
-    def hf_generate(model, max_new_tokens: int, sequences: list[str]) -> int:
-        """Plain `model.generate` (dynamic KV cache), left-padded batches; returns tokens generated."""
+    def hf_generate(model, max_new_tokens: int, sequences: list[str]) -> tuple[int, int]:
+        """Plain `model.generate` (dynamic KV cache), left-padded batches; (tokens generated, sequences)."""
         total = 0
-        for start in range(0, len(sequences), batch):
-            enc = tok(sequences[start:start + batch], return_tensors="pt", padding=True).to(device)
+        for start in range(0, len(sequences), baseline_batch):
+            enc = tok(sequences[start:start + baseline_batch], return_tensors="pt", padding=True).to(device)
             with torch.inference_mode():
                 out = model.generate(**enc, do_sample=True, max_new_tokens=max_new_tokens,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
             total += sum(_generated_lengths(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id))
-        return total
+        return total, len(sequences)
 
-    def project(model, max_new_tokens: int, batch_size: int, prompt_subset: list[str]) -> int:
-        groups = sample_completions(model, tok, prompt_subset, num_samples=k, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, seed=cfg.seed, **sampling)
-        return sum(len(sample.completion_ids) for group in groups for sample in group)
+    def project(kv_cache: str):
+        def run(model, max_new_tokens: int, prompt_subset: list[str]) -> tuple[int, int]:
+            # as pipeline/stages/pairs.py
+            groups = sample_completions(model, tok, prompt_subset, num_samples=k, max_new_tokens=max_new_tokens,
+                                        batch_size=batch, seed=cfg.seed, kv_cache=kv_cache,
+                                        prompt_width=cfg.data.prompt_max_tokens, **sampling)
+            return sum(len(x.completion_ids) for g in groups for x in g), sum(len(g) for g in groups)
+        return run
 
     base_dt, proj_dt = ctx.dtype_name(ctx.baseline_dtype), ctx.dtype_name(ctx.project_dtype)
+    other = "dynamic" if cfg.pairs.kv_cache == "static" else "static"
+    # warm-up: the static cache compiles its decode step (on a GPU) for the full batch shape
     variants = [
-        ("baseline", f"HF generate, dynamic cache, {base_dt}, batch {batch}", ctx.baseline_dtype,
-         lambda m, n: hf_generate(m, n, flat), lambda m: hf_generate(m, 4, flat[:batch])),
-        ("project", f"sample_completions, {proj_dt}, batch {batch} (pairs.batch_size)", ctx.project_dtype,
-         lambda m, n: project(m, n, batch, prompt_list), lambda m: project(m, 4, batch, prompt_list[:max(1, batch // k)])),
-        (f"project batch {s.gen_batch_large}", f"sample_completions, {proj_dt}, batch {s.gen_batch_large}",
-         ctx.project_dtype, lambda m, n: project(m, n, s.gen_batch_large, prompt_list),
-         lambda m: project(m, 4, s.gen_batch_large, prompt_list)),
+        ("baseline", f"HF generate, dynamic cache, {base_dt}, batch {baseline_batch}", ctx.baseline_dtype,
+         lambda m, n: hf_generate(m, n, baseline_flat), lambda m: hf_generate(m, 4, baseline_flat[:baseline_batch])),
+        ("project", f"sample_completions, {cfg.pairs.kv_cache} cache, {proj_dt}, batch {batch} (preset)",
+         ctx.project_dtype, lambda m, n: project(cfg.pairs.kv_cache)(m, n, prompt_list),
+         lambda m: project(cfg.pairs.kv_cache)(m, 4, prompt_list[:max(1, batch // k)])),
+        (f"project, {other} cache", f"as project, pairs.kv_cache={other}", ctx.project_dtype,
+         lambda m, n: project(other)(m, n, prompt_list),
+         lambda m: project(other)(m, 4, prompt_list[:max(1, batch // k)])),
     ]
     rows, baseline_rate = [], None
     for name, settings, dtype, run, warm in variants:
@@ -648,11 +690,11 @@ def bench_gen(ctx: Context) -> list[dict]:
             reset_peak(device)
             model = model_copy(ctx.base, dtype, train=False)
             warm(model)
-            generated, seconds = timed(lambda: run(model, s.gen_new_tokens), device)
+            (generated, sequences), seconds = timed(lambda: run(model, s.gen_new_tokens), device)
             rate = generated / seconds
-            row.update(value=rate, mfu=None, sequences=len(flat), new_tokens_per_sequence=s.gen_new_tokens,
-                       generated_tokens=generated, seconds=seconds, sequences_per_s=len(flat) / seconds,
-                       projected_s=seconds / len(flat) * target_sequences * cfg.pairs.max_new_tokens / s.gen_new_tokens,
+            row.update(value=rate, mfu=None, sequences=sequences, new_tokens_per_sequence=s.gen_new_tokens,
+                       generated_tokens=generated, seconds=seconds, sequences_per_s=sequences / seconds,
+                       projected_s=seconds / sequences * target_sequences * cfg.pairs.max_new_tokens / s.gen_new_tokens,
                        projected_what=f"{target_sequences} x {cfg.pairs.max_new_tokens} new tokens "
                                       f"(pairs stage, all shards, one GPU)", peak_gib=peak_gib(device))
             if name == "baseline":
@@ -877,7 +919,16 @@ def main() -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dpo-steps", type=int, help="measured DPO steps (after warm-up)")
     parser.add_argument("--sft-steps", type=int, help="measured SFT steps (after warm-up)")
+    parser.add_argument("--compile-modes", default="reduce-overhead",
+                        help="extra DPO/SFT variants with this torch.compile mode (comma-separated; '' for none)")
+    parser.add_argument("--compile-warmup-steps", type=int, default=6,
+                        help="extra warm-up steps (every DPO/SFT variant) when a compiled variant runs")
     args = parser.parse_args()
+    from pipeline.config import COMPILE_MODES
+
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    if set(args.compile_modes) - set(COMPILE_MODES):
+        parser.error(f"--compile-modes: choose from {', '.join(COMPILE_MODES)}")
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = sorted(set(only) - set(WORKLOADS))
     if unknown:

@@ -67,6 +67,7 @@ def run_stage(run_dir: str | Path, stage: str, task: str | None = None) -> dict 
 
     cfg = load_run_config(run_dir)
     layout = RunLayout(run_dir)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(layout.compile_cache))
     if stage == "sft":
         return sft.run(cfg, layout)
     if stage == "pairs":

@@ -11,6 +11,8 @@ from pipeline.configlib import deep_merge, doc
 
 SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+KV_CACHES = ("dynamic", "static")
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -93,6 +95,14 @@ class TrainConfig:
     save_steps: int = doc("Save a checkpoint every N optimizer steps.", 500)
     logging_steps: int = doc("Log metrics every N steps.", 10)
     gradient_checkpointing: bool = doc("Recompute activations to save memory (slower).", False)
+    group_by_length: bool = doc("Form each batch from examples of similar length (random megabatches sorted by "
+                                "length, then shuffled): less padding, every example still seen once per epoch.",
+                                False)
+    compile: str = doc("torch.compile the model for training: off, default, reduce-overhead (CUDA graphs), "
+                       "max-autotune, max-autotune-no-cudagraphs. Set pad_to_multiple_of too, so only a few "
+                       "shapes compile. Measure with bench/speed.py before turning it on.", "off")
+    pad_to_multiple_of: int | None = doc("Pad batch lengths up to a multiple of this (null = to the longest "
+                                         "sequence); bounds the shapes torch.compile sees.", None)
     keep_last: int = doc("Newest complete checkpoints kept whole (with optimizer state) for resuming; "
                          "older ones keep only the weights eval needs (DPO) or are deleted (SFT).", 2)
 
@@ -102,12 +112,21 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
         for field in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps", "keep_last"):
             _check(getattr(self, field) >= 1, f"{section}.{field}", "must be >= 1")
+        _check(self.compile in COMPILE_MODES, f"{section}.compile",
+               f"{self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        if self.pad_to_multiple_of is not None:
+            _check(self.pad_to_multiple_of >= 1, f"{section}.pad_to_multiple_of", "must be >= 1 or null")
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    packing: bool = doc("Pack reviews into rows of max_length tokens (best-fit decreasing) without padding: "
+                        "positions restart at each review and attention never crosses reviews.", False)
+
     def __post_init__(self):
         self._check_train("sft")
+        _check(not (self.packing and self.group_by_length), "sft.group_by_length",
+               "has nothing to group when sft.packing=true (packed rows are all max_length); set one of them")
 
 
 @dataclass
@@ -119,7 +138,10 @@ class PairsConfig:
     temperature: float = doc("Sampling temperature.", 1.0)
     top_k: int = doc("Top-k sampling (0 = off).", 0)
     top_p: float = doc("Nucleus sampling (1.0 = off).", 1.0)
-    batch_size: int = doc("Prompts per generation batch.", 64)
+    batch_size: int = doc("Sequences (prompt x completion) per generation batch.", 64)
+    kv_cache: str = doc("KV cache for sampling: dynamic, or static (preallocated; prompts padded to "
+                        "data.prompt_max_tokens and every batch to batch_size, so on a GPU the decode step "
+                        "compiles once into a CUDA graph).", "dynamic")
     num_shards: int = doc("Prompt shards; on SLURM each shard is one array task.", 4)
 
     def __post_init__(self):
@@ -130,6 +152,7 @@ class PairsConfig:
         _check(self.top_k >= 0, "pairs.top_k", "must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "pairs.top_p", "must be in (0, 1]")
         _check(self.batch_size >= 1, "pairs.batch_size", "must be >= 1")
+        _check(self.kv_cache in KV_CACHES, "pairs.kv_cache", f"{self.kv_cache!r} is not one of {', '.join(KV_CACHES)}")
         _check(1 <= self.num_shards <= self.num_prompts, "pairs.num_shards", "must be in [1, pairs.num_prompts]")
 
 
@@ -158,7 +181,12 @@ class EvalConfig:
     samples_per_prompt: int = doc("Completions sampled per prompt for reward and KL.", 4)
     max_new_tokens: int = doc("Completion length cap, in tokens.", 128)
     temperature: float = doc("Sampling temperature (KL is measured for this sampler).", 1.0)
-    batch_size: int = doc("Sequences per generation / scoring batch.", 64)
+    batch_size: int = doc("Sequences per generation batch.", 64)
+    logprob_batch_size: int = doc("Sequences per log-prob/KL batch: policy and reference log-probs over the whole "
+                                  "vocabulary are held at once (GPT-2, 128 tokens: ~0.2 GB per sequence).", 64)
+    kv_cache: str = doc("KV cache for sampling: dynamic, or static (preallocated; prompts padded to "
+                        "data.prompt_max_tokens and every batch to batch_size, so on a GPU the decode step "
+                        "compiles once into a CUDA graph).", "dynamic")
     fixed_prompts: list[str] = doc("Prompts always evaluated and shown in the report.",
                                    factory=lambda: list(SEED_EVAL_PROMPTS))
 
@@ -169,6 +197,8 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.logprob_batch_size >= 1, "eval.logprob_batch_size", "must be >= 1")
+        _check(self.kv_cache in KV_CACHES, "eval.kv_cache", f"{self.kv_cache!r} is not one of {', '.join(KV_CACHES)}")
 
 
 @dataclass
@@ -234,16 +264,23 @@ GPT2_LARGE = {
     "model": {"name": "gpt2-large"},
     "data": {"dataset": "stanfordnlp/imdb"},
     "reward": {"kind": "classifier"},
-    "sft": {"epochs": 1.0, "learning_rate": 2e-5, "batch_size": 8, "save_steps": 500, "max_length": 1024},
-    "pairs": {"num_prompts": 1000, "completions_per_prompt": 4, "max_new_tokens": 128, "num_shards": 4},
+    # Speed settings (issue #6): packed SFT rows, length-grouped DPO batches with reference log-probs
+    # computed once, static-cache sampling in batches of 500 (4 x 125 prompts per shard batch).
+    "sft": {"epochs": 1.0, "learning_rate": 2e-5, "batch_size": 8, "save_steps": 500, "max_length": 1024,
+            "packing": True},
+    "pairs": {"num_prompts": 1000, "completions_per_prompt": 4, "max_new_tokens": 128, "num_shards": 4,
+              "batch_size": 500, "kv_cache": "static"},
     "dpo": {"betas": [0.05, 0.1, 1.0], "learning_rate": 2e-5, "epochs": 1.0, "batch_size": 8,
-            "save_steps": 100, "max_length": 512},
-    "eval": {"num_prompts": 100, "samples_per_prompt": 4, "max_new_tokens": 128},
+            "save_steps": 100, "max_length": 512, "group_by_length": True, "pad_to_multiple_of": 16,
+            "precompute_ref_log_probs": True},
+    "eval": {"num_prompts": 100, "samples_per_prompt": 4, "max_new_tokens": 128, "batch_size": 400,
+             "kv_cache": "static"},
     "wandb": {"enabled": True, "mode": "offline"},
     "distributed": {"zero_stage": 2},
 }
 
 # CPU-sized: the same stages on a generated corpus, a 2-layer GPT-2 and VADER; minutes on 2 cores.
+# The speed paths are on here too, so the tests run them end to end.
 TINY = {
     "name": "tiny",
     "device": "cpu",
@@ -251,12 +288,13 @@ TINY = {
     "data": {"dataset": "tiny", "tiny_reviews": 2000},
     "reward": {"kind": "vader", "batch_size": 256},
     "sft": {"epochs": 3.0, "learning_rate": 3e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
-            "batch_size": 32, "max_length": 128, "save_steps": 100, "logging_steps": 20},
+            "batch_size": 8, "max_length": 128, "save_steps": 100, "logging_steps": 20, "packing": True},
     "pairs": {"num_prompts": 200, "completions_per_prompt": 4, "max_new_tokens": 40,
-              "batch_size": 100, "num_shards": 2},
+              "batch_size": 100, "num_shards": 2, "kv_cache": "static"},
     "dpo": {"betas": [0.05, 0.1, 1.0], "learning_rate": 3e-4, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 16,
-            "save_steps": 25, "max_length": 64, "logging_steps": 5},
-    "eval": {"num_prompts": 48, "samples_per_prompt": 4, "max_new_tokens": 40, "batch_size": 192},
+            "save_steps": 25, "max_length": 64, "logging_steps": 5, "group_by_length": True},
+    "eval": {"num_prompts": 48, "samples_per_prompt": 4, "max_new_tokens": 40, "batch_size": 192,
+             "logprob_batch_size": 192, "kv_cache": "static"},
 }
 
 PRESETS = {"tiny": TINY, "gpt2-large": GPT2_LARGE}

@@ -119,6 +119,12 @@ class RunLayout:
     def wandb(self) -> Path:
         return self.root / "wandb"
 
+    @property
+    def compile_cache(self) -> Path:
+        """torch.compile's kernel cache, shared by every stage, array task and requeue of the run
+        (the default, /tmp on the node, is lost when a requeued job lands on another node)."""
+        return self.root / "cache" / "torch_compile"
+
     # data shared by the stages
     @property
     def data(self) -> Path:

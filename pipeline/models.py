@@ -82,12 +82,41 @@ def load_tokenizer(path_or_name: str | Path):
     return tokenizer
 
 
+# Weights a trained model is held in. bf16/fp16 are compute dtypes (the Trainer autocasts): Adam
+# updates at lr 2e-5 are below bf16's resolution (2^-8 relative) for most GPT-2 weights, so bf16
+# weights would silently not train.
+MASTER_WEIGHTS = torch.float32
+
+
 def load_model(path_or_name: str | Path, device: torch.device, dtype: torch.dtype, train: bool = False):
+    """`dtype` is the compute dtype; a model loaded for training keeps float32 weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_name), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path_or_name), dtype=MASTER_WEIGHTS if train else dtype)
     model.to(device)
     model.train(train)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def load_weights_into(model, path: str | Path) -> None:
+    """Copy the weights saved in `path` (a save_pretrained / Trainer checkpoint directory) into `model`.
+
+    In place, so evaluating many checkpoints of one architecture reuses one model: no second copy
+    is allocated, and a compiled decode step (static-cache sampling) stays valid.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model*.safetensors; expected a directory written by save_pretrained")
+    device = next(model.parameters()).device
+    state: dict = {}
+    for file in files:
+        state.update(load_file(str(file), device=str(device)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}
+    untied = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded]  # tied: fine
+    if unexpected or untied:
+        raise ValueError(f"{path}: weights do not fit the model (missing {untied}, unexpected {unexpected[:5]})")

@@ -18,8 +18,8 @@ class Sample:
         return self.prompt + self.completion
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
+def _left_pad(sequences: list[list[int]], pad_id: int, device, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(width, max(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -32,25 +32,38 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 @torch.inference_mode()
 def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int, max_new_tokens: int,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-                       seed: int = 0, progress=None) -> list[list[Sample]]:
+                       seed: int = 0, kv_cache: str = "dynamic", prompt_width: int = 0,
+                       progress=None) -> list[list[Sample]]:
     """`num_samples` completions for each prompt (plain ancestral sampling by default).
 
     Returns one list per prompt. Seeded per batch, so a shard's output does not depend on which
     other shards ran in the same process.
+
+    kv_cache="static": a preallocated cache, and every batch has the same shape (prompts
+    left-padded to at least `prompt_width` tokens, the last batch filled up with repeats of its
+    last row, whose outputs are dropped), so on a GPU transformers compiles the decode step once
+    and replays it as a CUDA graph. The tokens drawn are the same as with the dynamic cache for
+    the same batch (tests/test_fast_paths.py).
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
+    static = kv_cache == "static"
     flat = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    if static:
+        prompt_width = max([prompt_width] + [len(ids) for ids in encoded])
     results: list[list[Sample]] = [[] for _ in prompts]
     for batch_index, start in enumerate(range(0, len(flat), batch_size)):
         batch = flat[start:start + batch_size]
-        ids, mask = _left_pad([encoded[p] for p, _ in batch], tokenizer.pad_token_id, device)
+        rows = [encoded[p] for p, _ in batch]
+        if static:
+            rows += [rows[-1]] * (batch_size - len(rows))
+        ids, mask = _left_pad(rows, tokenizer.pad_token_id, device, width=prompt_width)
         torch.manual_seed(seed * 100003 + batch_index)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=eos)
-        generated = out[:, ids.shape[1]:].tolist()
+                             eos_token_id=eos, cache_implementation="static" if static else None)
+        generated = out[:len(batch), ids.shape[1]:].tolist()
         for (p, _), tokens in zip(batch, generated):
             if eos in tokens:
                 tokens = tokens[:tokens.index(eos) + 1]

@@ -172,6 +172,9 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
                    dtype: torch.dtype, report_to: list[str], load_universal: bool = False) -> dict:
     """TrainingArguments shared by the SFT and DPO configs (TRL's bf16/checkpointing defaults overridden).
 
+    `dtype` is the compute dtype: bf16/fp16 run as autocast over float32 weights (see
+    `models.MASTER_WEIGHTS`), so small Adam updates are not rounded away.
+
     With several processes: the process group made by `distributed.init` is used as configured,
     and with ZeRO the DeepSpeed config is generated for this world size and kept in the stage dir.
     """
@@ -201,6 +204,10 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
         logging_steps=train.logging_steps,
         logging_first_step=True,
         gradient_checkpointing=train.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        pad_to_multiple_of=train.pad_to_multiple_of,
+        torch_compile=train.compile != "off",
+        torch_compile_mode=None if train.compile in ("off", "default") else train.compile,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device.type == "cpu",

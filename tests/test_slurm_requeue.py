@@ -61,15 +61,16 @@ def assert_requeued_and_finished(run_dir: Path, stage_dir: Path, stage: str, cau
 
 
 def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
-    # long enough (~450 steps) to outlast the warning window on a fast machine
-    changes = {"dpo": {"betas": [0.1], "epochs": 6.0}, "slurm": {"dpo": SHORT_LIMIT}}
+    # long enough (8 x 75 = 600 steps, ~70 s) to outlast the warning window on a fast machine
+    epochs = 8
+    changes = {"dpo": {"betas": [0.1], "epochs": float(epochs)}, "slurm": {"dpo": SHORT_LIMIT}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", wandb={"enabled": True, "mode": "offline"}, **changes)
     reference = clone_before_dpo(tiny_run, tmp_path / "reference", **changes)
     launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
     uninterrupted = start_stage_job(reference, "dpo", "0.1")
     stage_dir = run_dir / "dpo" / "beta-0.1"
     manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "timeout")
-    assert manifest["metrics"]["global_step"] == 450
+    assert manifest["metrics"]["global_step"] == epochs * 75
     out, _ = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, out
     assert max_weight_difference(stage_dir / "final", reference / "dpo" / "beta-0.1" / "final") <= 1e-6
@@ -132,7 +133,8 @@ def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(tiny_ru
 
 def test_two_ranks_under_zero2_survive_a_time_limit_requeue(tiny_run, tmp_path, slurm_cluster):
     # gpus_per_node=2 on the test cluster's fake GPUs: two tasks, each the job callable, gloo on the CPU
-    changes = {"dpo": {"betas": [0.1], "epochs": 5.0}, "distributed": {"zero_stage": 2},
+    epochs = 7
+    changes = {"dpo": {"betas": [0.1], "epochs": float(epochs)}, "distributed": {"zero_stage": 2},
                "slurm": {"dpo": {**SHORT_LIMIT, "gpus_per_node": 2, "max_requeues": 8}}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
     launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
@@ -143,4 +145,4 @@ def test_two_ranks_under_zero2_survive_a_time_limit_requeue(tiny_run, tmp_path, 
     assert len(logs) == 2, logs  # one log per task (rank)
     assert json.loads((stage_dir / "deepspeed.json").read_text())["train_batch_size"] == 2 * 16
     per_rank = math.ceil(manifest["inputs"]["num_pairs"] / 2)  # the distributed sampler splits the pairs
-    assert manifest["metrics"]["global_step"] == 5 * math.ceil(per_rank / 16)
+    assert manifest["metrics"]["global_step"] == epochs * math.ceil(per_rank / 16)

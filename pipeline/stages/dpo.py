@@ -23,9 +23,10 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
         raise RuntimeError(f"dpo: {layout.done_path('pairs')} is missing; run the pairs stage first")
     started = time.time()
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
+    from pipeline.batching import dpo_trainer_class
+    from pipeline.models import MASTER_WEIGHTS, load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
     from pipeline.training import (CheckpointAndProgress, configure_wandb, finish_or_raise, prepare_resume,
                                    save_final, train_metrics, trainer_kwargs)
 
@@ -40,7 +41,9 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
                               split="train").select_columns(["prompt", "chosen", "rejected"])
     tokenizer = load_tokenizer(layout.sft_model)
     model = load_model(layout.sft_model, device, dtype, train=True)
-    ref_model = None if cfg.dpo.precompute_ref_log_probs else load_model(layout.sft_model, device, dtype)
+    # The live reference has the policy's weights dtype and runs under the same autocast, so the
+    # log-ratios start at exactly 0.
+    ref_model = None if cfg.dpo.precompute_ref_log_probs else load_model(layout.sft_model, device, MASTER_WEIGHTS)
     stage_dir = layout.stage_dir("dpo", tag)
     report_to = configure_wandb(cfg, layout.wandb, f"dpo-beta{tag}", stage_dir / "wandb_run.json", world.is_main)
     resume = prepare_resume(layout.checkpoints_dir("dpo", tag), cfg.distributed.zero_stage)
@@ -51,9 +54,9 @@ def run(cfg: PipelineConfig, layout: RunLayout, beta: float) -> dict:
     progress = ProgressFile(layout.progress_path("dpo", tag), enabled=world.is_main)
     progress.start(resume[0] if resume else None, world_size=world.size,
                    universal_checkpoint=bool(resume and resume[2]))
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs,
-                         processing_class=tokenizer,
-                         callbacks=[CheckpointAndProgress(progress, cfg.dpo.keep_last, cfg.dpo.save_steps, cfg.distributed.zero_stage)])
+    trainer = dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=pairs,
+                                  processing_class=tokenizer,
+                                  callbacks=[CheckpointAndProgress(progress, cfg.dpo.keep_last, cfg.dpo.save_steps, cfg.distributed.zero_stage)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finish_or_raise(trainer, progress)
     save_final(trainer, tokenizer, layout.dpo_final(tag))

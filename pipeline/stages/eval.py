@@ -58,14 +58,15 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
     ev = cfg.eval
     groups = sample_completions(model, tokenizer, prompts, num_samples=ev.samples_per_prompt,
                                 max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-                                batch_size=ev.batch_size, seed=cfg.seed + 7)
+                                batch_size=ev.batch_size, seed=cfg.seed + 7, kv_cache=ev.kv_cache,
+                                prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
     rewards = score_in_batches(reward, [s.text for s in flat], cfg.reward.batch_size)
     if ref_model is None:  # the SFT policy is its own reference
         kl = kl_tokenwise = kl_stderr = 0.0
     else:
         lp = completion_logprobs(model, flat, tokenizer.pad_token_id, temperature=ev.temperature,
-                                 batch_size=ev.batch_size, ref_model=ref_model)
+                                 batch_size=ev.logprob_batch_size, ref_model=ref_model)
         diff = lp["logp"] - lp["ref_logp"]
         kl = sequence_kl(lp["logp"], lp["ref_logp"])
         kl_stderr = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
@@ -143,7 +144,8 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     started = time.time()
     from tqdm import tqdm
 
-    from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
+    from pipeline.models import (load_model, load_tokenizer, load_weights_into, resolve_device, resolve_dtype,
+                                 setup_process)
     from pipeline.reward import make_reward
 
     setup_process(cfg)
@@ -157,12 +159,19 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     progress = ProgressFile(layout.progress_path("eval"))
     progress.start(sum(layout.eval_result(p.id).is_file() for p in policies))  # resumes per policy
     results = []
+    policy_model = None  # one model for every DPO checkpoint, weights copied in (see load_weights_into)
     for index, policy in enumerate(tqdm(policies, desc="eval policies", mininterval=5)):
         interrupt.check(index, f"{index} of {len(policies)} policies evaluated")
         out = layout.eval_result(policy.id)
         result = read_json(out)
         if result is None:
-            model = ref_model if policy.kind == "sft" else load_model(policy.path, device, dtype)
+            if policy.kind == "sft":
+                model = ref_model
+            elif policy_model is None:
+                model = policy_model = load_model(policy.path, device, dtype)
+            else:
+                load_weights_into(policy_model, policy.path)
+                model = policy_model
             result = evaluate_policy(cfg, policy, model, None if policy.kind == "sft" else ref_model,
                                      tokenizer, reward, prompts)
             atomic_write_json(out, result)

@@ -59,7 +59,9 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, shard: int) -> int:
         samples = sample_completions(model, tokenizer, prompts, num_samples=k,
                                      max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature,
                                      top_k=cfg.pairs.top_k, top_p=cfg.pairs.top_p,
-                                     batch_size=cfg.pairs.batch_size, seed=cfg.seed * 1000 + shard, progress=bar)
+                                     batch_size=cfg.pairs.batch_size, seed=cfg.seed * 1000 + shard,
+                                     kv_cache=cfg.pairs.kv_cache, prompt_width=cfg.data.prompt_max_tokens,
+                                     progress=bar)
     del model
     reward = make_reward(cfg.reward, device)
     flat = [s for group in samples for s in group]

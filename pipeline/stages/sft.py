@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from pipeline import distributed
+from pipeline.batching import sft_trainer_class
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.data import load_reviews, make_prompts
@@ -49,7 +50,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     distributed.barrier()
 
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     dtype = resolve_dtype(cfg.model, device)
     texts = load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
@@ -62,13 +63,14 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     resume = prepare_resume(layout.checkpoints_dir("sft"), cfg.distributed.zero_stage)
     args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, layout.checkpoints_dir("sft"), device, dtype, report_to,
                                     load_universal=bool(resume and resume[2])),
-                     dataset_text_field="text", packing=False)
+                     dataset_text_field="text", packing=cfg.sft.packing, packing_strategy="bfd")
     progress = ProgressFile(layout.progress_path("sft"), enabled=world.is_main)
     progress.start(resume[0] if resume else None, world_size=world.size,
                    universal_checkpoint=bool(resume and resume[2]))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=tokenizer,
-                         callbacks=[CheckpointAndProgress(progress, cfg.sft.keep_last, None, cfg.distributed.zero_stage)])
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                  processing_class=tokenizer,
+                                  callbacks=[CheckpointAndProgress(progress, cfg.sft.keep_last, None,
+                                                                   cfg.distributed.zero_stage)])
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     finish_or_raise(trainer, progress)
     save_final(trainer, tokenizer, layout.sft_model)
