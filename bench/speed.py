@@ -3,15 +3,16 @@
 the same machine, once with library defaults ("baseline") and once with this project's own stage
 settings ("project", plus a variant or two), so the ratios are same-machine.
 
-  dpo     DPO steps/s and MFU, 8 pairs per step (TRL DPOTrainer: TRL defaults vs pipeline.training.trainer_kwargs,
-          and the project with dpo.precompute_ref_log_probs=True)
-  sft     SFT tokens/s and MFU on an IMDb-like length distribution (TRL SFTTrainer defaults vs the project,
-          and the project with packing=True)
-  gen     sampling for the pairs stage: new tokens/s (plain HF generate vs pipeline.sampling.sample_completions)
-          and the projected time for 1,000 prompts x 4 completions x 128 tokens
+  dpo     DPO steps/s and MFU, 8 pairs per step: TRL DPOTrainer with TRL defaults vs the gpt2-large preset
+          through the stage code (length-grouped batches, precomputed reference, fp32 master weights +
+          autocast), and the preset with torch.compile (--compile-modes)
+  sft     SFT tokens/s and MFU on an IMDb-like length distribution: TRL SFTTrainer defaults vs the preset
+          (packed rows), the preset with padded batches, and with torch.compile
+  gen     sampling for the pairs stage: new tokens/s, plain HF generate vs pipeline.sampling.sample_completions
+          (static cache, batch 500) and the same with the dynamic cache; projected for 1,000 prompts x 4 x 128
   reward  classifier scoring, sequences/s for 128 x 160 tokens (transformers pipeline defaults vs
           pipeline.reward.ClassifierReward)
-  eval    one policy's evaluation (pipeline.stages.eval.evaluate_policy: sampling + reward + KL) for a small prompt set
+  eval    one policy's evaluation (pipeline.stages.eval.evaluate_policy: sampling + reward + KL), 100 prompts x 4
 
 Models are built from their configs with random weights (GPT-2 Large, RoBERTa-large shaped classifier),
 tokenizers are word-level ones built here (one word = one token, so sequence lengths are exact): no hub,
@@ -553,7 +554,7 @@ def bench_sft(ctx: Context) -> list[dict]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.batching import PackedRowsCollator
+    from pipeline.batching import sft_trainer_class
     from pipeline.models import MASTER_WEIGHTS
     from pipeline.training import trainer_kwargs
 
@@ -586,11 +587,8 @@ def bench_sft(ctx: Context) -> list[dict]:
             kwargs = trainer_kwargs(cfg, sft, out_dir, device, ctx.project_dtype, report_to=[])
             kwargs.update(max_steps=total_steps, save_strategy="no")
             args = SFTConfig(**kwargs, dataset_text_field="text", packing=sft.packing, packing_strategy="bfd")
-            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                                 processing_class=ctx.tokenizer)
-            if sft.packing:
-                trainer.data_collator = PackedRowsCollator(ctx.tokenizer.pad_token_id, sft.pad_to_multiple_of)
-            return trainer
+            return sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                       processing_class=ctx.tokenizer)
         return make
 
     base_dt = ctx.dtype_name(ctx.baseline_dtype)
@@ -672,16 +670,18 @@ def bench_gen(ctx: Context) -> list[dict]:
 
     base_dt, proj_dt = ctx.dtype_name(ctx.baseline_dtype), ctx.dtype_name(ctx.project_dtype)
     other = "dynamic" if cfg.pairs.kv_cache == "static" else "static"
-    # warm-up: the static cache compiles its decode step (on a GPU) for the full batch shape
+    # warm-up: one full batch at the full length (a static cache's shape includes the new tokens, and on
+    # a GPU its decode step is compiled and graph-captured for exactly that shape)
+    warm_prompts = prompt_list[:max(1, batch // k)]
     variants = [
         ("baseline", f"HF generate, dynamic cache, {base_dt}, batch {baseline_batch}", ctx.baseline_dtype,
          lambda m, n: hf_generate(m, n, baseline_flat), lambda m: hf_generate(m, 4, baseline_flat[:baseline_batch])),
         ("project", f"sample_completions, {cfg.pairs.kv_cache} cache, {proj_dt}, batch {batch} (preset)",
          ctx.project_dtype, lambda m, n: project(cfg.pairs.kv_cache)(m, n, prompt_list),
-         lambda m: project(cfg.pairs.kv_cache)(m, 4, prompt_list[:max(1, batch // k)])),
+         lambda m: project(cfg.pairs.kv_cache)(m, s.gen_new_tokens, warm_prompts)),
         (f"project, {other} cache", f"as project, pairs.kv_cache={other}", ctx.project_dtype,
          lambda m, n: project(other)(m, n, prompt_list),
-         lambda m: project(other)(m, 4, prompt_list[:max(1, batch // k)])),
+         lambda m: project(other)(m, s.gen_new_tokens, warm_prompts)),
     ]
     rows, baseline_rate = [], None
     for name, settings, dtype, run, warm in variants:
@@ -818,8 +818,9 @@ def bench_eval(ctx: Context) -> list[dict]:
                 timed_reward["reward"] = timed_reward.get("reward", 0.0) + time.perf_counter() - start
 
         target = Policy(id="bench", kind="dpo", beta=cfg.dpo.betas[0], step=0, path=ctx.workdir)
-        warm_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=4))
-        evaluate_policy(warm_cfg, target, policy, ref, ctx.tokenizer, reward, prompt_list[:1])  # warm-up
+        # warm-up at the measured shapes (static cache: compiled / graph-captured per shape on a GPU)
+        evaluate_policy(cfg, target, policy, ref, ctx.tokenizer, reward,
+                        prompt_list[:max(1, cfg.eval.batch_size // cfg.eval.samples_per_prompt)])
         parts: dict[str, float] = {}
         with timed_functions(sampling, ["sample_completions", "completion_logprobs"], parts):
             result, seconds = timed(lambda: evaluate_policy(cfg, target, policy, ref, ctx.tokenizer, reward_fn,

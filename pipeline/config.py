@@ -24,8 +24,9 @@ def _check(condition: bool, field: str, message: str) -> None:
 class ModelConfig:
     name: str = doc("Policy model: a hub id (gpt2-large), a local directory, or 'tiny' (a small GPT-2 "
                     "built from the fields below with a tokenizer trained on the corpus).", "gpt2-large")
-    dtype: str = doc("Weights dtype for training and sampling: auto (bf16 on GPUs that support it, "
-                     "else float32), float32, bfloat16, float16.", "auto")
+    dtype: str = doc("Compute dtype: auto (bf16 on GPUs that support it, else float32), float32, bfloat16, "
+                     "float16. Sampling and eval hold weights in it; SFT and DPO keep float32 weights and "
+                     "autocast to it.", "auto")
     n_layer: int = doc("tiny only: transformer layers.", 2)
     n_embd: int = doc("tiny only: hidden size.", 128)
     n_head: int = doc("tiny only: attention heads.", 4)
