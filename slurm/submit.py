@@ -6,9 +6,11 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -81,6 +83,36 @@ def _slurm_params(resources: SlurmResources, job_name: str, dependency: str | No
     return params
 
 
+def count_gpus() -> int:
+    """NVIDIA GPUs on this machine, without importing torch (the driver's /proc entries, else nvidia-smi)."""
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return len(list(proc.iterdir()))
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        if listed.returncode == 0:
+            return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+    return 0
+
+
+def local_gpu_params() -> dict:
+    """LocalExecutor parameters that give a local job the GPUs the launching shell sees.
+
+    submitit sets CUDA_VISIBLE_DEVICES in a local job to its first `gpus_per_node` devices, ""
+    by default: every local stage would silently run on the CPU of a GPU workstation.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        devices = list(range(count_gpus()))
+    else:
+        items = [item.strip() for item in visible.split(",") if item.strip()]
+        if not all(item.isdigit() for item in items):
+            raise ValueError(f"CUDA_VISIBLE_DEVICES={visible!r}: the local executor passes GPUs on by index; "
+                             "set it to indices (e.g. 0,1) or unset it")
+        devices = [int(item) for item in items]
+    return {"gpus_per_node": len(devices), "visible_gpus": devices}
+
+
 def make_executor(kind: str, folder: str | Path, resources: SlurmResources | None, job_name: str,
                   dependencies: Iterable[str] = ()) -> submitit.SlurmExecutor | submitit.LocalExecutor:
     """A submitit executor for one stage, writing its scripts, pickles and logs into `folder`.
@@ -103,7 +135,7 @@ def make_executor(kind: str, folder: str | Path, resources: SlurmResources | Non
             raise ValueError(f"dependencies: the local executor cannot wait on SLURM jobs, got {deps!r}; run "
                              "stages one after another and pass no dependencies")
         executor = submitit.LocalExecutor(folder=path, max_num_timeout=resources.max_requeues)
-        executor.update_parameters(timeout_min=resources.time_minutes)
+        executor.update_parameters(timeout_min=resources.time_minutes, **local_gpu_params())
         return executor
     params = _slurm_params(resources, job_name, dependency_string(dependencies))
     try:

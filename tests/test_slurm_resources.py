@@ -369,9 +369,30 @@ def test_make_executor_unknown_kind():
 def test_make_executor_local(tmp_path):
     ex = submit.make_executor("local", tmp_path / "f", make(time="00:30:00", max_requeues=5), "j")
     assert isinstance(ex, submitit.LocalExecutor)
-    assert ex.parameters == {"timeout_min": 30} and ex.max_num_timeout == 5
+    assert ex.parameters["timeout_min"] == 30 and ex.max_num_timeout == 5
     with pytest.raises(ValueError, match=r"^dependencies: the local executor cannot wait"):
         submit.make_executor("local", tmp_path / "f", None, "j", ["101"])
+
+
+@pytest.mark.parametrize("visible, gpus, expected", [("3,5", 8, "3,5"), ("", 8, ""), (None, 2, "0,1"),
+                                                     (None, 0, "")],
+                         ids=["two-of-eight", "none-visible", "unset-two-gpus", "unset-cpu-machine"])
+def test_local_jobs_see_the_gpus_the_launching_shell_sees(tmp_path, monkeypatch, visible, gpus, expected):
+    # submitit alone sets CUDA_VISIBLE_DEVICES="" in local jobs: a GPU workstation would train on its CPU
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(submit, "count_gpus", lambda: gpus)
+    ex = submit.make_executor("local", tmp_path / "f", None, "j")
+    job = ex.submit(os.getenv, "CUDA_VISIBLE_DEVICES")  # a real local job: os.getenv reads its environment
+    assert job.result() == expected
+
+
+def test_local_executor_refuses_gpu_uuids(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8a1b2c3d")
+    with pytest.raises(ValueError, match=r"CUDA_VISIBLE_DEVICES='GPU-8a1b2c3d': the local executor passes GPUs on"):
+        submit.make_executor("local", tmp_path / "f", None, "j")
 
 
 def test_make_executor_slurm_matches_render(tmp_path, monkeypatch):
