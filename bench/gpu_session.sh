@@ -4,6 +4,7 @@
 # bench/speed.py with the given arguments, and leave JSON + logs in $OUT (or ./gpu-out).
 #   bash bench/gpu_session.sh --only dpo,sft            # first call: training workloads
 #   bash bench/gpu_session.sh --only gen,reward,eval    # second call: sampling, reward, eval
+#   bash bench/gpu_session.sh whole [--set a.b=v ...]   # the whole experiment (bench/whole_run.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -20,5 +21,10 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 '| transformers', transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__version__)"
   python3 -m pip show pyarrow fsspec 2>/dev/null | grep -E '^(Name|Version)'
 } 2>&1 | tee "$out/environment.txt"
+if [ "${1:-}" = whole ]; then
+  shift
+  python3 bench/whole_run.py --run-dir /tmp/whole-run --out "$out/whole_run.json" "$@" 2>&1 | tee "$out/whole_run.log"
+  exit "${PIPESTATUS[0]}"
+fi
 tag=$(echo "$*" | tr -c 'a-z0-9' '_' | sed 's/__*/_/g; s/^_//; s/_$//')
 python3 bench/speed.py --out "$out/speed${tag:+_$tag}.json" "$@" 2>&1 | tee "$out/speed${tag:+_$tag}.log"

@@ -56,12 +56,15 @@ class DataConfig:
     prompt_split: str = doc("Held-out split the pair and eval prompts are cut from.", "test")
     max_train_examples: int | None = doc("Cap on SFT examples (null = the whole split).", None)
     tiny_reviews: int = doc("tiny only: reviews per split in the generated corpus.", 2000)
+    tiny_max_sentences: int = doc("tiny only: most body sentences per generated review (1 to this many; "
+                                  "~9 tokens each); 60 gives IMDb-like lengths for benchmarks.", 4)
     prompt_min_tokens: int = doc("Shortest prompt, in tokens (DPO paper: 2).", 2)
     prompt_max_tokens: int = doc("Longest prompt, in tokens (DPO paper: 8).", 8)
 
     def __post_init__(self):
         _check(bool(self.dataset), "data.dataset", "must not be empty; use a hub id, a local file or 'tiny'")
         _check(self.tiny_reviews >= 10, "data.tiny_reviews", "must be >= 10")
+        _check(self.tiny_max_sentences >= 1, "data.tiny_max_sentences", "must be >= 1")
         _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, "data.prompt_min_tokens",
                "must satisfy 1 <= prompt_min_tokens <= prompt_max_tokens")
         if self.max_train_examples is not None:

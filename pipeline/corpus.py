@@ -57,10 +57,10 @@ def _fill(template: str, rng: random.Random, words: dict) -> str:
     return text
 
 
-def make_review(rng: random.Random, positive: bool) -> str:
+def make_review(rng: random.Random, positive: bool, max_sentences: int = 4) -> str:
     words, other = (POSITIVE, NEGATIVE) if positive else (NEGATIVE, POSITIVE)
     sentences = [_fill(rng.choice(OPENERS), rng, words)]
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, max_sentences)):
         roll = rng.random()
         if roll < 0.2:
             sentences.append(_fill(rng.choice(NEUTRAL), rng, words))
@@ -73,12 +73,12 @@ def make_review(rng: random.Random, positive: bool) -> str:
     return " ".join(sentences)
 
 
-def make_corpus(n_reviews: int, seed: int) -> list[dict]:
+def make_corpus(n_reviews: int, seed: int, max_sentences: int = 4) -> list[dict]:
     """`n_reviews` reviews, alternating positive/negative, as {text, label} rows (label 1 = positive)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n_reviews):
         positive = i % 2 == 0
-        rows.append({"text": make_review(rng, positive), "label": int(positive)})
+        rows.append({"text": make_review(rng, positive, max_sentences), "label": int(positive)})
     rng.shuffle(rows)
     return rows

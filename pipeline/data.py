@@ -14,7 +14,7 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
     """Texts of one split. `cfg.dataset` is 'tiny', a local file/directory, or a hub id."""
     if cfg.dataset == "tiny":
         offset = {"train": 0, "test": 1}.get(split, 2)  # disjoint streams per split
-        return [row["text"] for row in make_corpus(cfg.tiny_reviews, seed * 1000 + offset)]
+        return [row["text"] for row in make_corpus(cfg.tiny_reviews, seed * 1000 + offset, cfg.tiny_max_sentences)]
     import datasets
 
     path = Path(cfg.dataset)

@@ -25,3 +25,13 @@ def test_shards_partition_the_prompts():
     shards = [shard_prompts(prompts, s, 3) for s in range(3)]
     assert sorted(p for shard in shards for p in shard) == sorted(prompts)
     assert [len(s) for s in shards] == [4, 3, 3]
+
+
+def test_generated_corpus_is_deterministic_and_review_length_is_configurable():
+    from pipeline.corpus import make_corpus
+
+    short, again, long = make_corpus(300, 0), make_corpus(300, 0, max_sentences=4), make_corpus(300, 0, max_sentences=80)
+    assert short == again  # the default is the tiny preset's corpus
+    mean_words = lambda rows: sum(len(r["text"].split()) for r in rows) / len(rows)  # noqa: E731
+    assert 15 < mean_words(short) < 35 and 200 < mean_words(long) < 350  # ~IMDb's length for benchmarks
+    assert sum(r["label"] for r in long) == 150
