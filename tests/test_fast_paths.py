@@ -224,6 +224,26 @@ def test_static_cache_sampling_draws_the_same_tokens_as_the_dynamic_cache(num_pr
     assert sum(len(x.completion_ids) for g in static for x in g) > 2 * num_prompts  # really sampled
 
 
+def test_compiled_static_cache_sampling_draws_the_same_tokens():
+    """What transformers does on a GPU with a static cache (compile the decode step), forced on the CPU."""
+    from transformers import CompileConfig
+
+    from pipeline.sampling import sample_completions
+
+    tokenizer = word_tokenizer()
+    tokenizer.padding_side = "left"
+    model = tiny_gpt2(3).eval()
+    prompts = ["w1 w2 w3", "w4", "w5 w6", "w7 w8 w9 w10"]
+    kwargs = dict(num_samples=2, max_new_tokens=12, batch_size=4, seed=5)
+    dynamic = sample_completions(model, tokenizer, prompts, **kwargs)
+    model.generation_config.compile_config = CompileConfig(mode="default")  # no CUDA graphs on the CPU
+    model.generation_config.compile_config._compile_all_devices = True
+    compiled = sample_completions(model, tokenizer, prompts, kv_cache="static", prompt_width=4, **kwargs)
+    assert hasattr(model, "_compiled_call")  # the decode step really ran compiled
+    for d, c in zip(dynamic, compiled):
+        assert [x.completion_ids for x in d] == [x.completion_ids for x in c]
+
+
 # ------------------------------------------------------------------------------------------- precision
 def test_training_keeps_float32_weights_under_a_bf16_compute_dtype(tmp_path):
     from pipeline.config import PipelineConfig
