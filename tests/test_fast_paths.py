@@ -314,10 +314,14 @@ def test_packed_sft_trainer_uses_packed_rows_and_counts_every_row(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_dpo_stage_trains_like_the_eager_one_and_saves_plain_weights(tiny_run, tmp_path):
+def test_compiled_dpo_stage_trains_like_the_eager_one_and_saves_plain_weights(tiny_run, tmp_path, monkeypatch):
     from safetensors import safe_open
 
     from conftest import clone_before_dpo, max_weight_difference, start_stage_job
+
+    # the stage uses RUN/cache/torch_compile unless the environment names a cache (inductor sets the
+    # variable in this process once anything here compiled; a user's own setting would win too)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", dpo={"betas": [0.1], "compile": "default",
                                                                  "pad_to_multiple_of": 16})
