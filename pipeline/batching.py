@@ -7,6 +7,8 @@ is more than half padding; packed rows are full. docs/benchmarks.md has the numb
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.data import Sampler
 
@@ -63,16 +65,7 @@ def pair_lengths(dataset) -> list[int]:
             for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
-def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
-    """Share of the padded batch tokens that are padding, for batches taken in `order`."""
-    real = padded = 0
-    for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start:start + batch_size]]
-        real += sum(batch)
-        padded += max(batch) * len(batch)
-    return 1 - real / padded if padded else 0.0
-
-
+@functools.cache
 def dpo_trainer_class():
     """TRL's DPOTrainer, with `train_sampling_strategy='group_by_length'` grouping pairs by padded length
     (the Trainer's own grouping looks for an `input_ids` column, which preference data lacks)."""
@@ -116,6 +109,7 @@ class PackedRowsCollator:
         return batch
 
 
+@functools.cache
 def sft_trainer_class():
     """TRL's SFTTrainer; with `packing=True` its batches are `PackedRowsCollator` rows."""
     from trl import SFTTrainer

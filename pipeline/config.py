@@ -57,7 +57,7 @@ class DataConfig:
     max_train_examples: int | None = doc("Cap on SFT examples (null = the whole split).", None)
     tiny_reviews: int = doc("tiny only: reviews per split in the generated corpus.", 2000)
     tiny_max_sentences: int = doc("tiny only: most body sentences per generated review (1 to this many; "
-                                  "~9 tokens each); 60 gives IMDb-like lengths for benchmarks.", 4)
+                                  "~9 tokens each); 80 gives ~250 words on average, IMDb-like, for benchmarks.", 4)
     prompt_min_tokens: int = doc("Shortest prompt, in tokens (DPO paper: 2).", 2)
     prompt_max_tokens: int = doc("Longest prompt, in tokens (DPO paper: 8).", 8)
 

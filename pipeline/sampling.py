@@ -43,22 +43,21 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
     left-padded to at least `prompt_width` tokens, the last batch filled up with repeats of its
     last row, whose outputs are dropped), so on a GPU transformers compiles the decode step once
     and replays it as a CUDA graph. The tokens drawn are the same as with the dynamic cache for
-    the same batch (tests/test_fast_paths.py).
+    the same batch (tests/test_fast_paths.py). `prompt_width` is ignored with the dynamic cache.
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     static = kv_cache == "static"
     flat = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    if static:
-        prompt_width = max([prompt_width] + [len(ids) for ids in encoded])
+    width = max([prompt_width] + [len(ids) for ids in encoded]) if static else 0  # 0: the batch's longest
     results: list[list[Sample]] = [[] for _ in prompts]
     for batch_index, start in enumerate(range(0, len(flat), batch_size)):
         batch = flat[start:start + batch_size]
         rows = [encoded[p] for p, _ in batch]
         if static:
             rows += [rows[-1]] * (batch_size - len(rows))
-        ids, mask = _left_pad(rows, tokenizer.pad_token_id, device, width=prompt_width)
+        ids, mask = _left_pad(rows, tokenizer.pad_token_id, device, width=width)
         torch.manual_seed(seed * 100003 + batch_index)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,

@@ -13,7 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.batching import PackedRowsCollator, length_grouped_order, padding_fraction
+from pipeline.batching import PackedRowsCollator, length_grouped_order
+
+
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of the padded batch tokens that are padding, for batches taken in `order`."""
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        real += sum(batch)
+        padded += max(batch) * len(batch)
+    return 1 - real / padded
 
 
 def tiny_gpt2(seed: int = 0, vocab: int = 97):
