@@ -6,6 +6,7 @@
   python launch.py logs dpo --task 0.1 --run-dir runs/tiny         # a job's output
   python launch.py cancel --run-dir runs/tiny                      # cancel the run's jobs
   python launch.py config --preset gpt2-large --set dpo.betas=[0.1] # print the resolved config
+  python launch.py prefetch --preset gpt2-large --run-dir R        # download hub models/data (login node)
 """
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python launch.py` from anywhere
+
+from jobs.presets import PRESET_HELP, PRESETS  # noqa: E402  (after the path insert)
+from pipeline.registry import STAGE_BY_NAME  # noqa: E402
+
 DEFAULT_RUN_DIR = "runs/{name}"
+STAGE_NAMES = ", ".join(STAGE_BY_NAME)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=["tiny", "gpt2-large"],
-                        help="starting configuration: tiny (CPU, minutes, offline) or gpt2-large (the seed experiment)")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="starting configuration: " + "; ".join(f"{name} ({text})" for name, text in PRESET_HELP.items()))
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file layered over the preset")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one field, repeatable, e.g. --set dpo.betas=[0.1] --set slurm.dpo.time=02:00:00")
@@ -43,9 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_arg(run)
     run.add_argument("--executor", default="auto", choices=["auto", "slurm", "local"],
                      help="auto: SLURM when `sbatch` is on the PATH, else local subprocess jobs")
-    run.add_argument("--until", metavar="STAGE", help="submit only up to this stage (sft, pairs, pairs_merge, dpo, eval)")
+    run.add_argument("--until", metavar="STAGE", help=f"submit only up to this stage ({STAGE_NAMES})")
     run.add_argument("--dry-run", action="store_true",
                      help="print every sbatch script that would be submitted; submit and write nothing")
+
+    prefetch = sub.add_parser("prefetch", help="download the run's hub models and datasets now (on the login node)",
+                              description="Resolve every hub reference of the config (policy model and tokenizer, "
+                                          "dataset, reward classifier) to a commit sha, record it in "
+                                          "RUN/hub_revisions.json and download it into the cache (hub.cache_dir). "
+                                          "`run` does this before submitting; jobs then read the cache offline.")
+    _config_args(prefetch)
+    _run_dir_arg(prefetch)
 
     resume = sub.add_parser("resume", help="continue a run after a failure or kill: resubmit what is not done")
     _run_dir_arg(resume, required=True)
@@ -62,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_arg(cancel, required=True)
 
     logs = sub.add_parser("logs", help="print a stage job's stdout/stderr")
-    logs.add_argument("stage", help="sft, pairs, pairs_merge, dpo or eval")
-    logs.add_argument("--task", help="array task: a beta for dpo (e.g. 0.1), a shard number for pairs")
+    logs.add_argument("stage", help=STAGE_NAMES)
+    logs.add_argument("--task", help="array task: a beta for dpo (0.1; 1, 1.0 and 1e0 name the same), a shard number for pairs")
     _run_dir_arg(logs, required=True)
     logs.add_argument("--stderr", action="store_true", help="show stderr instead of stdout")
     logs.add_argument("--lines", type=int, default=60, help="show the last N lines (0 = all)")
@@ -78,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("run", "resume"):
-            from jobs.launcher import launch
+        if args.command in ("run", "resume", "prefetch"):
+            from jobs.launcher import launch, prefetch_only
 
             run_dir = args.run_dir
-            if args.command == "run" and run_dir is None:
+            if args.command != "resume" and run_dir is None:
                 from jobs.config import resolve_config
 
                 run_dir = DEFAULT_RUN_DIR.format(name=resolve_config(args.preset, args.config, args.sets).name)
+            if args.command == "prefetch":
+                return prefetch_only(run_dir, args.preset, args.config, args.sets)
             if args.command == "resume":
                 return launch(run_dir, None, None, [], args.executor, until=args.until)
             return launch(run_dir, args.preset, args.config, args.sets, args.executor, dry_run=args.dry_run,
@@ -123,6 +140,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -5,15 +5,18 @@ resolved config is stored as `RUN/config.yaml`; every job reads it from there.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import PipelineConfig, preset_overrides
+from jobs.presets import preset_layers
+from pipeline.config import PipelineConfig
 from pipeline.configlib import deep_merge, doc, from_dict, load_yaml, parse_assignment, to_dict
 from pipeline.data import validate_dataset_source
 from pipeline.layout import RunLayout, atomic_write_text
+from pipeline.registry import STAGES
 from slurm.resources import SlurmResources
 
 
@@ -32,23 +35,19 @@ class ExperimentConfig(PipelineConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        # sampling stages are one process each; they scale out as array tasks instead
-        for stage in ("pairs", "eval"):
-            resources = getattr(self.slurm, stage)
-            if resources.nodes != 1 or resources.gpus_per_node > 1:
-                raise ValueError(f"slurm.{stage}: one node and at most one GPU per job (got nodes={resources.nodes}, "
-                                 f"gpus_per_node={resources.gpus_per_node}); "
-                                 + ("raise pairs.num_shards to use more GPUs" if stage == "pairs" else
-                                    "eval runs one process"))
+        # single-process stages (sampling) scale out as array tasks instead
+        for stage in STAGES:
+            resources = getattr(self.slurm, stage.resources)
+            if not stage.multi_process and stage.needs_gpu and (resources.nodes != 1 or resources.gpus_per_node > 1):
+                raise ValueError(f"slurm.{stage.resources}: one node and at most one GPU per job (got "
+                                 f"nodes={resources.nodes}, gpus_per_node={resources.gpus_per_node}); "
+                                 f"{stage.scale_hint}")
 
 
-GPU_JOB = {"gpus_per_node": 1, "cpus_per_task": 8, "mem": "64G"}
-SLURM_PRESETS = {
-    "gpt2-large": {"sft": {**GPU_JOB, "time": "06:00:00"}, "pairs": {**GPU_JOB, "time": "02:00:00"},
-                   "dpo": {**GPU_JOB, "time": "04:00:00"}, "eval": {**GPU_JOB, "time": "04:00:00"}},
-    "tiny": {stage: {"cpus_per_task": 1, "time": "00:30:00", "signal_lead_s": 30}
-             for stage in ("sft", "pairs", "dpo", "eval")},
-}
+def stage_resources(cfg: ExperimentConfig, stage) -> SlurmResources:
+    """The resources of one stage's jobs: its section of `cfg.slurm` (no GPU for a stage that needs none)."""
+    resources = getattr(cfg.slurm, stage.resources)
+    return resources if stage.needs_gpu else dataclasses.replace(resources, nodes=1, gpus_per_node=0)
 
 
 def resolve_config(preset: str | None, config_file: str | None = None, sets: list[str] = (),
@@ -56,7 +55,7 @@ def resolve_config(preset: str | None, config_file: str | None = None, sets: lis
     """Build and validate the experiment config; every error names the field and the fix."""
     layers = deep_merge({}, base or {})
     if preset is not None:
-        layers = deep_merge(layers, {**preset_overrides(preset), "slurm": SLURM_PRESETS[preset]})
+        layers = deep_merge(layers, preset_layers(preset))
     if config_file:
         layers = deep_merge(layers, load_yaml(config_file))
     for assignment in sets:

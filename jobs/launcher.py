@@ -7,14 +7,18 @@ now), and failed or cancelled tasks are submitted again with their dependants re
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs import records
-from jobs.config import ExperimentConfig, config_differences, load_run_config, resolve_config, save_config
-from jobs.stages import STAGE_BY_NAME, Stage, StageJob, is_task_done, stage_tasks, stages_until
+from jobs.config import (ExperimentConfig, config_differences, load_run_config, resolve_config, save_config,
+                         stage_resources)
+from jobs.presets import PRESETS
+from jobs.stages import StageJob
 from pipeline.layout import RunLayout
+from pipeline.registry import STAGES, Stage, Task, stages_until
 from slurm import queue, submit
 from slurm.resources import SlurmResources
 
@@ -32,11 +36,26 @@ def choose_executor(executor: str) -> str:
     return executor
 
 
-def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str],
-                write: bool = True) -> tuple[ExperimentConfig, RunLayout]:
+def check_executor_fits(requested: str, kind: str, cfg: ExperimentConfig) -> None:
+    """Refuse to run a GPU configuration on a machine that cannot run it (a login node, by accident)."""
+    asks_gpus = sorted({f"slurm.{s.resources}" for s in STAGES if getattr(cfg.slurm, s.resources).gpus_per_node > 0})
+    if requested == "auto" and kind == "local" and asks_gpus:
+        raise ValueError(f"--executor auto found no `sbatch` on the PATH, so the run would start here, but "
+                         f"{', '.join(asks_gpus)} ask for GPUs: this looks like a login node without the SLURM "
+                         "module. Load it (e.g. `module load slurm`) so that `sbatch` is found, or pass "
+                         "--executor local to run on this machine on purpose")
+    if kind == "local" and cfg.device != "cpu" and (cfg.device == "cuda" or asks_gpus) and submit.count_gpus() == 0:
+        raise ValueError(f"--executor local: this machine has no GPU and the config needs one (device={cfg.device}"
+                         f"{', ' + ', '.join(asks_gpus) + ' ask for GPUs' if asks_gpus else ''}); run it on a GPU "
+                         "node, or --set device=cpu to run it on this CPU on purpose")
+
+
+def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None,
+                sets: list[str]) -> tuple[ExperimentConfig, RunLayout, bool]:
     """Resolve the config of a new run, or load (and check) the stored config of an existing one.
 
-    Nothing is written before the whole config validated, so a bad value leaves no run directory.
+    Writes nothing (the caller saves a new run's config once every check passed, so a bad value
+    leaves no run directory). Returns (config, layout, whether the run is new).
     """
     layout = RunLayout(run_dir)
     if layout.config.is_file():
@@ -49,50 +68,46 @@ def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None
                 raise ValueError(f"{layout.config} already holds this run's config and the new options change "
                                  f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}; relaunch with no "
                                  "config options to continue the run, or use a new --run-dir")
-        return cfg, layout
+        return cfg, layout, False
     if preset is None and config_file is None:
-        raise ValueError(f"{layout.root} is not a run directory yet: give --preset (tiny, gpt2-large) and/or --config")
-    cfg = resolve_config(preset, config_file, sets)
-    if write:
-        save_config(cfg, layout)
-    return cfg, layout
+        raise ValueError(f"{layout.root} is not a run directory yet: give --preset ({', '.join(PRESETS)}) "
+                         "and/or --config")
+    return resolve_config(preset, config_file, sets), layout, True
 
 
-def stage_resources(cfg: ExperimentConfig, stage: Stage) -> SlurmResources:
-    resources = getattr(cfg.slurm, stage.resources)
-    if stage.name == "pairs_merge":  # joining JSONL files needs no GPU
-        return dataclasses.replace(resources, nodes=1, gpus_per_node=0)
-    return resources
+def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
+    """Pin and download every hub model and dataset of the run (on the login node, before any job
+    exists); jobs then read them offline. A run directory this call created is removed again if the
+    prefetch fails, so a bad reference leaves nothing behind."""
+    from pipeline import hub
+
+    created = not layout.root.exists()
+    try:
+        return hub.prefetch(cfg, layout.root, log=log)
+    except BaseException:
+        if created:
+            shutil.rmtree(layout.root, ignore_errors=True)
+        raise
 
 
-# ------------------------------------------------------------------ local: one stage after another
-LOCAL_UNITS = [("sft", [None]), ("pairs", [None]), ("dpo", "betas"), ("eval", [None])]
-
-
+# ------------------------------------------------------------------ local: one task after another
 def run_local(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None, log=print) -> list[str]:
-    """Run each stage as a submitit LocalExecutor job (a real subprocess), waiting for each.
-
-    Locally the shards run in one job (no array scheduler to spread them) and merge at its end.
-    Returns the units that ran (done ones are skipped).
+    """Run each stage task as a submitit LocalExecutor job (a real subprocess), in graph order,
+    waiting for each. Returns the tasks that ran (done ones are skipped).
     """
     ran = []
-    wanted = {s.name for s in stages_until(until)}
-    for stage, tasks in LOCAL_UNITS:
-        if stage not in wanted:
-            continue
-        if tasks == "betas":
-            tasks = stage_tasks(STAGE_BY_NAME["dpo"], cfg)
-        for task in tasks:
-            done = layout.is_done("pairs") if stage == "pairs" else is_task_done(layout, stage, task)
-            label = stage if task is None else f"{stage}[{task}]"
-            if done:
+    for stage in stages_until(until):
+        for task in stage.task_list(cfg):
+            label = stage.label(task)
+            if stage.is_done(layout, task):
                 log(f"{label:>14}: done, skipped")
                 continue
-            folder = layout.jobs / "local" / stage
-            executor = submit.make_executor("local", folder, getattr(cfg.slurm, stage), f"{cfg.name}-{stage}")
-            job = executor.submit(stage_job(layout, stage, task, getattr(cfg.slurm, stage)))
-            records.append(layout, records.Submission(stage, str(job.job_id), {records.task_key(task): str(job.job_id)},
-                                                      "local", str(folder)))
+            resources = stage_resources(cfg, stage)
+            folder = layout.jobs / "local" / stage.name
+            executor = submit.make_executor("local", folder, resources, _job_name(cfg, stage))
+            job = executor.submit(stage_job(layout, stage, task, resources))
+            records.append(layout, records.Submission(stage.name, str(job.job_id),
+                                                      {records.task_key(task): str(job.job_id)}, "local", str(folder)))
             log(f"{label:>14}: running as local job {job.job_id} (logs: {job.paths.stdout})")
             try:
                 job.result()
@@ -106,7 +121,7 @@ def run_local(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None
 @dataclass
 class PlannedJob:
     stage: Stage
-    tasks: list[str | None]
+    tasks: list[Task]
     resources: SlurmResources
     depends_on: list[str] = field(default_factory=list)   # job ids, or "<stage>" placeholders in a plan
 
@@ -127,8 +142,8 @@ def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue
     for stage in stages_until(until):
         upstream_replanned = any(p.stage.name in stage.after for p in planned)
         todo = []
-        for task in stage_tasks(stage, cfg):
-            if is_task_done(layout, stage.name, task):
+        for task in stage.task_list(cfg):
+            if stage.is_done(layout, task):
                 continue
             entry = latest.get((stage.name, records.task_key(task)))
             record = states.get(entry[1]) if entry else None
@@ -145,8 +160,8 @@ def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue
     return planned, stale
 
 
-def stage_job(layout: RunLayout, stage: str, task: str | None, resources: SlurmResources) -> StageJob:
-    return StageJob(layout.root, stage, task, time_limit_s=resources.time_seconds,
+def stage_job(layout: RunLayout, stage: Stage, task: Task, resources: SlurmResources) -> StageJob:
+    return StageJob(layout.root, stage.name, task, time_limit_s=resources.time_seconds,
                     signal_lead_s=resources.signal_lead_s, max_requeues=resources.max_requeues)
 
 
@@ -157,10 +172,10 @@ def _job_name(cfg: ExperimentConfig, stage: Stage) -> str:
 def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJob]) -> str:
     parts = []
     for job in planned:
-        array = len(job.tasks) if job.stage.tasks else None
+        array = len(job.tasks) if job.stage.is_array else None
         script = submit.render_sbatch(job.resources, layout.jobs / job.stage.name, _job_name(cfg, job.stage),
                                       array_size=array, dependencies=job.depends_on)
-        tasks = "" if not job.stage.tasks else f" tasks {', '.join(map(str, job.tasks))}"
+        tasks = f" tasks {', '.join(records.task_key(t) for t in job.tasks)}" if job.stage.is_array else ""
         parts.append(f"# ---- stage {job.stage.name}{tasks}\n{script}")
     return "\n".join(parts)
 
@@ -180,8 +195,8 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
         deps = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.depends_on]
         folder = layout.jobs / job.stage.name
         executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps)
-        calls = [stage_job(layout, job.stage.name, task, job.resources) for task in job.tasks]
-        if job.stage.tasks:
+        calls = [stage_job(layout, job.stage, task, job.resources) for task in job.tasks]
+        if job.stage.is_array:
             with executor.batch():
                 handles = [executor.submit(call) for call in calls]
             parent = handles[0].job_id.split("_")[0]
@@ -195,7 +210,7 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
         submitted[job.stage.name] = parent
         made.append(submission)
         after = f" after {','.join(deps)}" if deps else ""
-        log(f"{job.stage.name:>12}: submitted job {parent}{' (' + str(len(handles)) + ' tasks)' if job.stage.tasks else ''}{after}")
+        log(f"{job.stage.name:>12}: submitted job {parent}{' (' + str(len(handles)) + ' tasks)' if job.stage.is_array else ''}{after}")
     if not made:
         log("nothing to submit: every stage is done or already queued/running")
     return made
@@ -205,16 +220,30 @@ def launch(run_dir: str | Path, preset: str | None, config_file: str | None, set
            dry_run: bool = False, until: str | None = None, log=print) -> int:
     kind = choose_executor(executor)
     stages_until(until)  # validate before anything is written
-    cfg, layout = prepare_run(run_dir, preset, config_file, sets, write=not dry_run)
+    cfg, layout, new = prepare_run(run_dir, preset, config_file, sets)
+    check_executor_fits(executor, kind, cfg)
     if dry_run:
         planned, _ = plan_slurm(cfg, layout, until=until)
         log(render_plan(cfg, layout, planned) if planned else "nothing to submit")
         return 0
+    prefetch(cfg, layout, log)
+    if new:
+        save_config(cfg, layout)
     log(f"run directory: {layout.root} (executor: {kind})")
     if kind == "local":
         run_local(cfg, layout, until, log=log)
-        log(f"done: {layout.frontier_csv if until in (None, 'eval') else layout.stage_dir(until)}")
+        log(f"done: {stages_until(until)[-1].path(layout)}")
     else:
         submit_slurm(cfg, layout, until, log=log)
         log(f"watch it: {Path(sys.argv[0]).name} status --run-dir {layout.root} --watch")
+    return 0
+
+
+def prefetch_only(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str],
+                  log=print) -> int:
+    """`launch.py prefetch`: what `run` does before submitting, alone (the config is not stored)."""
+    cfg, layout, _ = prepare_run(run_dir, preset, config_file, sets)
+    fetched = prefetch(cfg, layout, log)
+    log(f"prefetched {len(fetched)} hub reference(s); revisions recorded in {layout.hub_revisions}"
+        if fetched else "nothing to prefetch: the config names no hub model or dataset")
     return 0

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.layout import RunLayout, atomic_write_json, read_json
+from pipeline.registry import task_key  # noqa: F401  (records are keyed by it)
 
 
 @dataclass
@@ -19,10 +20,6 @@ class Submission:
     executor: str                        # slurm | local
     folder: str                          # submitit folder with the sbatch script and logs
     submitted_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
-
-
-def task_key(task: str | None) -> str:
-    return "" if task is None else task
 
 
 def load(layout: RunLayout) -> list[Submission]:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import load_run_config
-from jobs.stages import STAGES, is_task_done, stage_tasks
 from pipeline.layout import RunLayout, read_json
+from pipeline.progress import lost_steps
+from pipeline.registry import STAGES, Stage, Task, get_stage
 from slurm import queue, submit
 
-TERMINAL_OK = "COMPLETED"
+(COMPLETED,) = queue.DONE_OK_STATES  # what a local job that finished is shown as
 
 
 def _pid_alive(pid: str) -> bool:
@@ -28,12 +29,10 @@ def _pid_alive(pid: str) -> bool:
         return False
 
 
-def _progress(layout: RunLayout, stage: str, task: str | None) -> dict:
-    if stage == "pairs":
-        return {"step": int(is_task_done(layout, stage, task)), "total_steps": 1}
-    if stage == "pairs_merge":
-        return {"step": int(layout.is_done("pairs")), "total_steps": 1}
-    return read_json(layout.progress_path(stage, task), {}) or {}
+def _progress(layout: RunLayout, stage: Stage, task: Task, done: bool) -> dict:
+    if not stage.writes_progress:
+        return {"step": int(done), "total_steps": 1}
+    return read_json(stage.progress_path(layout, task), {}) or {}
 
 
 def _eta_s(progress: dict, state: str) -> float | None:
@@ -54,23 +53,23 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
     states = queue.query_jobs(slurm_ids) if slurm_ids else {}
     rows = []
     for stage in STAGES:
-        for task in stage_tasks(stage, cfg):
+        for task in stage.task_list(cfg):
             key = (stage.name, records.task_key(task))
             entry = latest.get(key)
-            done = is_task_done(layout, stage.name, task)
+            done = stage.is_done(layout, task)
             job_id = entry[1] if entry else None
             record = states.get(job_id) if job_id else None
             if record is not None:
                 state = record.state
             elif entry is not None and entry[0].executor == "local":
-                state = TERMINAL_OK if done else ("RUNNING" if _pid_alive(job_id) else "FAILED")
+                state = COMPLETED if done else ("RUNNING" if _pid_alive(job_id) else "FAILED")
             else:
-                state = TERMINAL_OK if done else ("NOT_SUBMITTED" if entry is None else "UNKNOWN")
-            progress = _progress(layout, stage.name, task)
+                state = COMPLETED if done else ("NOT_SUBMITTED" if entry is None else "UNKNOWN")
+            progress = _progress(layout, stage, task, done)
             restarts = progress.get("restarts", [])
             rows.append({
                 "stage": stage.name,
-                "task": task,
+                "task": task.key if task is not None else None,
                 "job_id": job_id,
                 "state": state,
                 "done": done,
@@ -80,7 +79,7 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
                 "total_steps": progress.get("total_steps"),
                 "restarts": max(len(restarts), record.restarts if record else 0),
                 "resumed_from": [r["resumed_from_step"] for r in restarts],
-                "lost_steps": sum(max(0, r["step_before"] - r["resumed_from_step"]) for r in restarts),
+                "lost_steps": lost_steps(restarts),
                 "last_checkpoint": progress.get("last_checkpoint"),
                 "eta_s": _eta_s(progress, state),
                 "submissions": submissions.get(key, 0),
@@ -109,8 +108,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def finished(rows: list[dict]) -> bool:
-    return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] in ("FAILED", "NOT_SUBMITTED")
-               for r in rows)
+    return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] == "NOT_SUBMITTED" for r in rows)
 
 
 def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0) -> int:
@@ -144,13 +142,15 @@ def cancel_run(run_dir: str) -> int:
     return 0
 
 
-def show_logs(run_dir: str, stage: str, task: str | None, stderr: bool = False, lines: int = 60,
+def show_logs(run_dir: str, stage_name: str, task_text: str | None, stderr: bool = False, lines: int = 60,
               follow: bool = False) -> int:
     layout = RunLayout(run_dir)
-    entry = records.latest(layout).get((stage, records.task_key(task)))
+    stage = get_stage(stage_name)
+    task = stage.parse_task(task_text)  # any spelling of the same task: --task 1, 1.0, 1e0
+    entry = records.latest(layout).get((stage.name, records.task_key(task)))
     if entry is None:
         known = sorted(f"{s}{'[' + t + ']' if t else ''}" for s, t in records.latest(layout))
-        raise ValueError(f"no job recorded for {stage}{'[' + task + ']' if task else ''}; "
+        raise ValueError(f"no job recorded for {stage.label(task)}; "
                          f"recorded: {', '.join(known) or 'none (was the run submitted?)'}")
     submission, job_id = entry
     stdout_path, stderr_path = submit.job_log_paths(Path(submission.folder), job_id)

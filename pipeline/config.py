@@ -1,13 +1,14 @@
 """The ML configuration of a run: one dataclass per stage plus run-level settings.
 
 Every field has a one-line help (shown by `launch.py config`); `__post_init__` rejects bad values
-with a message naming the field and the fix. Presets are dicts layered over the defaults.
+with a message naming the field and the fix. Presets (ML and SLURM settings together) live in
+`jobs/presets.py`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configlib import deep_merge, doc
+from pipeline.configlib import doc
 
 SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -218,6 +219,13 @@ class WandbConfig:
                f"{self.mode!r} is not offline, online or disabled")
 
 
+@dataclass
+class HubConfig:
+    cache_dir: str | None = doc("Hugging Face cache that `launch.py prefetch`/`run` downloads hub models and datasets "
+                                "into, on a filesystem the compute nodes share; jobs read it offline. null = "
+                                "$HF_HOME/hub when HF_HOME is set, else RUN/cache/huggingface.", None)
+
+
 ZERO_STAGES = (0, 2, 3)
 OFFLOAD = ("none", "optimizer", "optimizer+params")
 
@@ -252,6 +260,7 @@ class PipelineConfig:
     dpo: DPOConfig = doc("DPO stage (one run per beta).", factory=DPOConfig)
     eval: EvalConfig = doc("Reward-vs-KL evaluation stage.", factory=EvalConfig)
     wandb: WandbConfig = doc("Experiment tracking.", factory=WandbConfig)
+    hub: HubConfig = doc("Hub downloads (prefetched on the login node; jobs run offline).", factory=HubConfig)
     distributed: DistributedConfig = doc("Multi-GPU / multi-node training (SFT, DPO).", factory=DistributedConfig)
 
     def __post_init__(self):
@@ -260,51 +269,3 @@ class PipelineConfig:
             _check(self.num_threads >= 1, "num_threads", "must be >= 1 or null")
         _check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
                f"{self.name!r}: use letters, digits, '-' and '_' only")
-
-
-# The seed experiment (dpo-report.md, section 6): GPT-2 Large, IMDb, siebert reward, lr 2e-5, one epoch.
-GPT2_LARGE = {
-    "name": "gpt2-large-imdb",
-    "model": {"name": "gpt2-large"},
-    "data": {"dataset": "stanfordnlp/imdb"},
-    "reward": {"kind": "classifier"},
-    # Speed settings (issue #6): packed SFT rows, length-grouped DPO batches with reference log-probs
-    # computed once, static-cache sampling in batches of 500 (4 x 125 prompts per shard batch).
-    "sft": {"epochs": 1.0, "learning_rate": 2e-5, "batch_size": 8, "save_steps": 500, "max_length": 1024,
-            "packing": True},
-    "pairs": {"num_prompts": 1000, "completions_per_prompt": 4, "max_new_tokens": 128, "num_shards": 4,
-              "batch_size": 500, "kv_cache": "static"},
-    "dpo": {"betas": [0.05, 0.1, 1.0], "learning_rate": 2e-5, "epochs": 1.0, "batch_size": 8,
-            "save_steps": 100, "max_length": 512, "group_by_length": True, "pad_to_multiple_of": 16,
-            "precompute_ref_log_probs": True},
-    "eval": {"num_prompts": 100, "samples_per_prompt": 4, "max_new_tokens": 128, "batch_size": 400,
-             "kv_cache": "static"},
-    "wandb": {"enabled": True, "mode": "offline"},
-    "distributed": {"zero_stage": 2},
-}
-
-# CPU-sized: the same stages on a generated corpus, a 2-layer GPT-2 and VADER; minutes on 2 cores.
-# The speed paths are on here too, so the tests run them end to end.
-TINY = {
-    "name": "tiny",
-    "device": "cpu",
-    "model": {"name": "tiny", "dtype": "float32"},
-    "data": {"dataset": "tiny", "tiny_reviews": 2000},
-    "reward": {"kind": "vader", "batch_size": 256},
-    "sft": {"epochs": 3.0, "learning_rate": 3e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
-            "batch_size": 8, "max_length": 128, "save_steps": 100, "logging_steps": 20, "packing": True},
-    "pairs": {"num_prompts": 200, "completions_per_prompt": 4, "max_new_tokens": 40,
-              "batch_size": 100, "num_shards": 2, "kv_cache": "static"},
-    "dpo": {"betas": [0.05, 0.1, 1.0], "learning_rate": 3e-4, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 16,
-            "save_steps": 25, "max_length": 64, "logging_steps": 5, "group_by_length": True},
-    "eval": {"num_prompts": 48, "samples_per_prompt": 4, "max_new_tokens": 40, "batch_size": 192,
-             "logprob_batch_size": 192, "kv_cache": "static"},
-}
-
-PRESETS = {"tiny": TINY, "gpt2-large": GPT2_LARGE}
-
-
-def preset_overrides(name: str) -> dict:
-    if name not in PRESETS:
-        raise ValueError(f"--preset {name!r}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
-    return deep_merge({}, PRESETS[name])

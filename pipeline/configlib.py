@@ -8,6 +8,7 @@ dataclass's own `__post_init__` checks values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import types
 import typing
@@ -37,7 +38,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def parse_assignment(assignment: str) -> dict:
-    """`"dpo.beta=0.1"` -> `{"dpo": {"beta": CliValue("0.1")}}`."""
+    """`"dpo.learning_rate=1e-5"` -> `{"dpo": {"learning_rate": CliValue("1e-5")}}`."""
     if "=" not in assignment:
         raise ValueError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. --set dpo.learning_rate=1e-5")
     dotted, raw = assignment.split("=", 1)
@@ -136,9 +137,9 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of fields, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
+        raise ValueError(unknown_keys_message(where, unknown, sorted(fields)))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -149,12 +150,27 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     return cls(**kwargs)
 
 
+def unknown_keys_message(where: str, unknown: list[str], valid: list[str]) -> str:
+    """`slurm.dpo: unknown key(s) gpus; did you mean slurm.dpo.gpus_per_node ...; valid keys: ...`."""
+    def dotted(key: str) -> str:
+        return f"{where}.{key}" if where else key
+
+    hints = []
+    for key in unknown:
+        close = [v for v in valid if v.startswith(key)][:1] or difflib.get_close_matches(key, valid, n=1)
+        if close:
+            hints.append(f"did you mean {dotted(close[0])} instead of {dotted(key)}?")
+    head = f"{where}: unknown key(s)" if where else "unknown top-level key(s)"
+    return (f"{head} {', '.join(unknown)}{'; ' + '; '.join(hints) if hints else ''}; "
+            f"valid {'keys' if where else 'sections'}: {', '.join(valid)}")
+
+
 def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, help, default) for every leaf field; used by `launch.py config --help`."""
+    """(dotted name, help, default) for every leaf field; used by `launch.py config --fields`."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -1,6 +1,13 @@
-"""Review data: the real IMDb loader, the offline tiny corpus, and prompt extraction."""
+"""Review data: load one split's texts, and cut the pair/eval prompts from held-out reviews.
+
+`data.dataset` is one of: 'tiny' (the generated corpus of pipeline.corpus, no files); a local
+.parquet/.jsonl/.csv file or directory; or a hub dataset id such as stanfordnlp/imdb. Inside a
+job a hub id is read from the snapshot `launch.py prefetch` downloaded (pipeline.hub.resolve),
+never from the network; outside jobs `datasets` fetches it itself.
+"""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -17,7 +24,7 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
         return [row["text"] for row in make_corpus(cfg.tiny_reviews, seed * 1000 + offset, cfg.tiny_max_sentences)]
     import datasets
 
-    path = Path(cfg.dataset)
+    path = Path(cfg.dataset).expanduser()
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS)
         if not files:
@@ -30,10 +37,31 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
         chosen = [named[split]] if split in named else files
         dataset = datasets.load_dataset(builder, data_files=[str(p) for p in chosen], split="train")
     else:
-        dataset = datasets.load_dataset(cfg.dataset, split=split)
+        from pipeline.hub import resolve
+
+        source = resolve(cfg.dataset, "dataset")
+        if source == cfg.dataset:  # not in a job: datasets downloads it
+            dataset = datasets.load_dataset(cfg.dataset, split=split)
+        else:
+            dataset = _load_snapshot(source, cfg.dataset, split)
     if cfg.text_field not in dataset.column_names:
         raise ValueError(f"data.text_field: column {cfg.text_field!r} not in {dataset.column_names}")
     return [t for t in dataset[cfg.text_field] if t and t.strip()]
+
+
+def _load_snapshot(snapshot: str, dataset_id: str, split: str):
+    """One split of a prefetched hub dataset: the repository's own card decides which files form
+    which split (stanfordnlp/imdb: plain_text/{split}-*.parquet), exactly as on the hub."""
+    import datasets
+
+    try:
+        # HF_DATASETS_CACHE is read at call time: the job sets it (pipeline.hub.offline_environment)
+        return datasets.load_dataset(snapshot, split=split, cache_dir=os.environ.get("HF_DATASETS_CACHE"))
+    except ValueError as error:
+        if "split" not in str(error).lower():
+            raise
+        raise ValueError(f"data.dataset: {dataset_id} has no split {split!r} ({error}); set data.train_split / "
+                         "data.prompt_split to one of its splits") from error
 
 
 def validate_dataset_source(cfg: DataConfig) -> None:

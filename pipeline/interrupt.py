@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import threading
 
+# Why a stage stopped: the stop reasons a signal handler gives, and the restart cause of an attempt
+# that vanished without one (SIGKILL, node failure). Plain strings: they are written to JSON as is.
+TIMEOUT, PREEMPTED, TERMINATED, KILLED = "timeout", "preempted", "terminated", "killed"
+
 _reason: str | None = None
 _lock = threading.Lock()
 
@@ -70,9 +74,9 @@ def synchronized_stop_requested(step: int) -> bool:
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     agreed = int(code.item())
     if agreed and _reason is None:
-        request_stop(_CODE_REASONS.get(agreed, "peer"))
+        request_stop(_CODE_REASONS.get(agreed, TERMINATED))
     return agreed > 0
 
 
-_REASON_CODES = {"terminated": 1, "preempted": 2, "timeout": 3}
+_REASON_CODES = {TERMINATED: 1, PREEMPTED: 2, TIMEOUT: 3}
 _CODE_REASONS = {code: reason for reason, code in _REASON_CODES.items()}

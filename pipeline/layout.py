@@ -144,32 +144,32 @@ class RunLayout:
         return self.data / "eval_prompts.jsonl"
 
     # stages
-    def stage_dir(self, stage: str, task: str | None = None) -> Path:
-        """`sft`, `pairs`, `eval`; DPO has one directory per beta: `dpo/beta-0.1`."""
-        if stage == "dpo":
-            if task is None:
-                return self.root / "dpo"
-            return self.root / "dpo" / f"beta-{task}"
-        return self.root / stage
+    def stage_dir(self, directory: str, task=None) -> Path:
+        """`RUN/<directory>`, or the task's own subdirectory when it has one (a DPO arm: `dpo/beta-0.1`).
 
-    def done_path(self, stage: str, task: str | None = None) -> Path:
-        return self.stage_dir(stage, task) / DONE
+        Which directory each stage uses is declared in `pipeline.registry`.
+        """
+        sub = getattr(task, "dirname", None)
+        return self.root / directory / sub if sub else self.root / directory
 
-    def is_done(self, stage: str, task: str | None = None) -> bool:
-        return self.done_path(stage, task).is_file()
+    def done_path(self, directory: str, task=None) -> Path:
+        return self.stage_dir(directory, task) / DONE
 
-    def progress_path(self, stage: str, task: str | None = None) -> Path:
-        return self.stage_dir(stage, task) / "progress.json"
+    def is_done(self, directory: str, task=None) -> bool:
+        return self.done_path(directory, task).is_file()
+
+    def progress_path(self, directory: str, task=None) -> Path:
+        return self.stage_dir(directory, task) / "progress.json"
+
+    def checkpoints_dir(self, directory: str, task=None) -> Path:
+        return self.stage_dir(directory, task) / "checkpoints"
+
+    def final_model(self, directory: str, task=None) -> Path:
+        return self.stage_dir(directory, task) / "final"
 
     @property
     def sft_model(self) -> Path:
-        return self.stage_dir("sft") / "final"
-
-    def checkpoints_dir(self, stage: str, task: str | None = None) -> Path:
-        return self.stage_dir(stage, task) / "checkpoints"
-
-    def dpo_final(self, beta: str) -> Path:
-        return self.stage_dir("dpo", beta) / "final"
+        return self.final_model("sft")
 
     def pairs_shard(self, shard: int) -> Path:
         return self.stage_dir("pairs") / "shards" / f"shard-{shard:05d}.jsonl"
@@ -196,11 +196,6 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.stage_dir("eval") / "report.md"
-
-
-def beta_tag(beta: float) -> str:
-    """Stable directory/task name for a beta: 0.05 -> '0.05', 1.0 -> '1.0'."""
-    return repr(float(beta))
 
 
 def write_manifest(path: Path, *, config: dict, inputs: dict, metrics: dict, started: float,

@@ -73,10 +73,14 @@ def build_tiny_base(cfg: ModelConfig, texts: list[str], out_dir: Path, seed: int
 
 
 def load_tokenizer(path_or_name: str | Path):
-    """Left padding (generation) and a pad token (GPT-2 has none; EOS serves)."""
+    """Left padding (generation) and a pad token (GPT-2 has none; EOS serves).
+
+    A hub id is opened from its prefetched snapshot inside jobs (pipeline.hub.resolve)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path_or_name), padding_side="left")
+    from pipeline.hub import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(path_or_name, "model"), padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -89,10 +93,14 @@ MASTER_WEIGHTS = torch.float32
 
 
 def load_model(path_or_name: str | Path, device: torch.device, dtype: torch.dtype, train: bool = False):
-    """`dtype` is the compute dtype; a model loaded for training keeps float32 weights."""
+    """`dtype` is the compute dtype; a model loaded for training keeps float32 weights. A hub id is
+    opened from its prefetched snapshot inside jobs (pipeline.hub.resolve)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_name), dtype=MASTER_WEIGHTS if train else dtype)
+    from pipeline.hub import resolve
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(path_or_name, "model"),
+                                                 dtype=MASTER_WEIGHTS if train else dtype)
     model.to(device)
     model.train(train)
     if model.generation_config.pad_token_id is None:

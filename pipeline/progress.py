@@ -9,7 +9,16 @@ import os
 import time
 from pathlib import Path
 
+from pipeline.interrupt import KILLED
 from pipeline.layout import atomic_write_json, read_json
+
+
+def lost_steps(restarts: list[dict]) -> int:
+    """Steps computed twice because a restart resumed from before where the previous attempt stopped.
+
+    The one definition: progress files, DONE.json manifests and `status` all use it.
+    """
+    return sum(max(0, r["step_before"] - r["resumed_from_step"]) for r in restarts)
 
 
 class ProgressFile:
@@ -25,14 +34,14 @@ class ProgressFile:
             "last_checkpoint": previous.get("last_checkpoint"),
             "restarts": previous.get("restarts", []),
             "status": previous.get("status", "new"),
+            "stop_reason": previous.get("stop_reason"),
         }
 
     def start(self, resumed_from_step: int | None, **details) -> None:
         """Record a (re)start; a start after the first is a restart, with the step it resumed from."""
         if self.path.exists():
-            previous = self.state.get("status", "")
-            # an attempt that stopped on request says why; one that just vanished was killed
-            cause = previous[len("interrupted ("):-1] if previous.startswith("interrupted (") else "killed"
+            # an attempt that stopped on request recorded why (`stopped`); one that just vanished was killed
+            cause = self.state.get("stop_reason") if self.state.get("status") == "interrupted" else KILLED
             self.state["restarts"].append({
                 "cause": cause,
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -42,15 +51,19 @@ class ProgressFile:
                 **details,
             })
         self.state["status"] = "running"
+        self.state.pop("stop_reason", None)
         # for the ETA: steps of this attempt over its wall time
         self.state["attempt_started_at"] = time.time()
         self.state["attempt_start_step"] = resumed_from_step or 0
         self.write(force=True)
 
+    def stopped(self, reason: str, step: int) -> None:
+        """Record a stop on request (the next start reads the reason as its restart cause)."""
+        self.update(force=True, status="interrupted", stop_reason=reason, step=step)
+
     @property
     def lost_steps(self) -> int:
-        """Steps computed twice because a restart resumed from before where the last attempt stopped."""
-        return sum(max(0, r["step_before"] - r["resumed_from_step"]) for r in self.state["restarts"])
+        return lost_steps(self.state["restarts"])
 
     def update(self, force: bool = False, **fields) -> None:
         self.state.update(fields)

@@ -1,7 +1,8 @@
 """Sentiment reward: texts -> P(positive) in [0, 1].
 
 `classifier` is the seed's siebert/sentiment-roberta-large-english through a transformers
-pipeline; `vader` is the offline lexicon model (its compound score in [-1, 1] mapped to [0, 1]).
+pipeline (inside jobs read from the prefetched snapshot, see pipeline.hub.resolve); `vader` is the
+offline lexicon model (its compound score in [-1, 1] mapped to [0, 1]).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ class ClassifierReward:
         import torch
         from transformers import pipeline
 
+        from pipeline.hub import resolve
+
         self._cfg = cfg
         dtype = torch.bfloat16 if getattr(device, "type", "cpu") == "cuda" else torch.float32
-        self._pipe = pipeline("text-classification", model=cfg.model, device=device, dtype=dtype,
+        self._pipe = pipeline("text-classification", model=resolve(cfg.model, "model"), device=device, dtype=dtype,
                               top_k=None, truncation=True, max_length=cfg.max_length)
         labels = set(self._pipe.model.config.id2label.values())
         if cfg.positive_label not in labels:

@@ -4,14 +4,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from transformers import TrainerCallback
 
 from pipeline import distributed, interrupt
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.layout import atomic_replace_dir, atomic_write_json, read_json
+from pipeline.configlib import to_dict
+from pipeline.layout import RunLayout, atomic_replace_dir, atomic_write_json, read_json, write_manifest
 from pipeline.progress import ProgressFile
 
 COMPLETE = "COMPLETE.json"  # written into checkpoint-N/ only after the Trainer finished saving it
@@ -42,9 +46,18 @@ RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
 RESUME_ONLY_PREFIXES = ("rng_state", "global_step")  # global_stepN/ = DeepSpeed's optimizer shards
 
 
-def prune_checkpoints(checkpoints_dir: Path, keep_last: int, eval_every: int | None) -> None:
+def is_eval_checkpoint(step: int, save_steps: int) -> bool:
+    """Whether eval scores the checkpoint saved at `step`: the periodic ones (every `save_steps`).
+
+    Saves made on a stop request (a time limit, a preemption) exist only for resuming. The one rule
+    shared by pruning (which keeps these weights) and eval (which lists them).
+    """
+    return step % save_steps == 0
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_weights: Callable[[int], bool] | None) -> None:
     """Keep the newest `keep_last` complete checkpoints whole; of older ones keep only the weights of
-    those eval needs (steps that are multiples of `eval_every`) and delete the rest. Directories
+    those `keep_weights(step)` selects (the ones eval needs) and delete the rest. Directories
     without the completion marker older than the newest complete one are leftovers of a crash.
     """
     complete = complete_checkpoints(checkpoints_dir)
@@ -56,7 +69,7 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, eval_every: int | N
         if match and not (path / COMPLETE).is_file() and int(match.group(1)) < newest:
             shutil.rmtree(path, ignore_errors=True)
     for step, path in complete[:-keep_last] if keep_last else complete:
-        if eval_every and step % eval_every == 0:
+        if keep_weights is not None and keep_weights(step):
             for item in path.iterdir():
                 if item.name in RESUME_ONLY_FILES or item.name.startswith(RESUME_ONLY_PREFIXES):
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
@@ -69,11 +82,12 @@ class CheckpointAndProgress(TrainerCallback):
     a stop request (set by a signal handler) into a save at the current step followed by a stop.
     """
 
-    def __init__(self, progress: ProgressFile, keep_last: int, eval_every: int | None, zero_stage: int = 0):
+    def __init__(self, progress: ProgressFile, keep_last: int, keep_weights: Callable[[int], bool] | None,
+                 zero_stage: int = 0):
         self.progress = progress
         self.zero_stage = zero_stage
         self.keep_last = keep_last
-        self.eval_every = eval_every
+        self.keep_weights = keep_weights
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress.update(force=True, step=state.global_step, total_steps=state.max_steps)
@@ -94,7 +108,7 @@ class CheckpointAndProgress(TrainerCallback):
             atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason,
                                                 "world_size": distributed.world().size,
                                                 "zero_stage": self.zero_stage})
-            prune_checkpoints(Path(args.output_dir), self.keep_last, self.eval_every)
+            prune_checkpoints(Path(args.output_dir), self.keep_last, self.keep_weights)
             self.progress.update(force=True, step=state.global_step, last_checkpoint=path.name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -106,7 +120,7 @@ def finish_or_raise(trainer, progress: ProgressFile) -> None:
     """After `trainer.train()`: if it stopped on request, record that and raise StageInterrupted."""
     reason = interrupt.stop_reason()
     if reason is not None:
-        progress.update(force=True, status=f"interrupted ({reason})", step=trainer.state.global_step)
+        progress.stopped(reason, trainer.state.global_step)
         interrupt.check(trainer.state.global_step, "checkpoint saved")
 
 
@@ -137,7 +151,13 @@ def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file:
     return ["wandb"]
 
 
-def prepare_resume(checkpoints_dir: Path, zero_stage: int) -> tuple[int, Path, bool] | None:
+class ResumePoint(NamedTuple):
+    step: int
+    path: Path
+    universal: bool  # DeepSpeed must load it as a universal checkpoint (the world size or ZeRO stage changed)
+
+
+def prepare_resume(checkpoints_dir: Path, zero_stage: int) -> ResumePoint | None:
     """The checkpoint to resume from, and whether DeepSpeed must load it as a universal checkpoint.
 
     A ZeRO checkpoint is sharded per rank; when the job now runs with another number of processes
@@ -152,7 +172,7 @@ def prepare_resume(checkpoints_dir: Path, zero_stage: int) -> tuple[int, Path, b
     world = distributed.world()
     same_layout = (saved.get("world_size", world.size), saved.get("zero_stage", zero_stage)) == (world.size, zero_stage)
     if not zero_stage or not saved.get("zero_stage") or same_layout:
-        return step, path, False
+        return ResumePoint(step, path, False)
     tag = f"global_step{step}"
     universal = path / f"{tag}_universal"
     if world.is_main and not (path / "latest_universal").is_file():
@@ -165,7 +185,7 @@ def prepare_resume(checkpoints_dir: Path, zero_stage: int) -> tuple[int, Path, b
                         "--num_merge_workers", "1"], check=True, stdout=subprocess.DEVNULL)
         (path / "latest_universal").write_text(universal.name)  # marks the conversion complete
     distributed.barrier()
-    return step, path, True
+    return ResumePoint(step, path, True)
 
 
 def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, device: torch.device,
@@ -243,3 +263,72 @@ def train_metrics(trainer, prefix_keys: tuple[str, ...]) -> dict:
     if torch.cuda.is_available():
         last["memory/peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return last
+
+
+# ------------------------------------------------------------------ the training-stage skeleton
+@dataclass
+class TrainingSetup:
+    """What the skeleton hands a stage's `build` function."""
+    device: torch.device
+    dtype: torch.dtype
+    world: distributed.World
+    trainer_kwargs: dict         # TrainingArguments shared by SFT and DPO (see `trainer_kwargs`)
+    callbacks: list
+
+
+@dataclass
+class BuiltTrainer:
+    """What a stage's `build` returns: its trainer, the tokenizer saved with the final model, and the
+    inputs recorded in the manifest."""
+    trainer: object
+    tokenizer: object
+    inputs: dict
+
+
+def run_training_stage(cfg: PipelineConfig, layout: RunLayout, *, directory: str, task, train: TrainConfig,
+                       wandb_key: str, build: Callable[[TrainingSetup], BuiltTrainer],
+                       metric_prefixes: tuple[str, ...], keep_weights: Callable[[int], bool] | None = None,
+                       prepare: Callable[[], None] | None = None, extra: dict | None = None) -> dict:
+    """Resume, progress, trainer, final save and manifest: what SFT and DPO share.
+
+    The stage gives its own part as `build` (data, models, its TRL trainer), `prepare` (run once
+    on the main process before training) and what its manifest records. Idempotent: a finished
+    stage returns its manifest.
+    """
+    done = layout.done_path(directory, task)
+    if done.is_file():
+        return read_json(done)
+    started = time.time()
+    from pipeline.models import resolve_device, resolve_dtype, setup_process
+
+    setup_process(cfg)
+    device = resolve_device(cfg)
+    world = distributed.init(device.type, deepspeed=cfg.distributed.zero_stage > 0)
+    if prepare is not None:
+        if world.is_main:
+            prepare()
+        distributed.barrier()
+    dtype = resolve_dtype(cfg.model, device)
+    stage_dir = layout.stage_dir(directory, task)
+    checkpoints = layout.checkpoints_dir(directory, task)
+    report_to = configure_wandb(cfg, layout.wandb, wandb_key, stage_dir / "wandb_run.json", world.is_main)
+    resume = prepare_resume(checkpoints, cfg.distributed.zero_stage)
+    universal = bool(resume and resume.universal)
+    progress = ProgressFile(layout.progress_path(directory, task), enabled=world.is_main)
+    progress.start(resume.step if resume else None, world_size=world.size, universal_checkpoint=universal)
+    callback = CheckpointAndProgress(progress, train.keep_last, keep_weights, cfg.distributed.zero_stage)
+    built = build(TrainingSetup(device, dtype, world,
+                                trainer_kwargs(cfg, train, checkpoints, device, dtype, report_to, universal),
+                                [callback]))
+    trainer = built.trainer
+    trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    finish_or_raise(trainer, progress)
+    save_final(trainer, built.tokenizer, layout.final_model(directory, task))
+    metrics = train_metrics(trainer, metric_prefixes)
+    progress.update(force=True, status="done", step=trainer.state.global_step)
+    distributed.barrier()
+    if not world.is_main:
+        return {}
+    return write_manifest(done, config=to_dict(cfg), started=started, inputs=built.inputs, metrics=metrics,
+                          extra={**(extra or {}), "restarts": progress.state["restarts"],
+                                 "lost_steps": progress.lost_steps})

@@ -11,7 +11,6 @@ Pure standard library: importable on a login node without submitit or the ML sta
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from dataclasses import InitVar, dataclass, field
@@ -148,9 +147,9 @@ def _check_text(value: str, where: str, regex: str, allowed: str, example: str) 
 class SlurmResources:
     """What one SLURM job (or each task of a job array) asks for.
 
-    Build it with keywords, or from a config mapping with `SlurmResources.from_dict(d, where=...)`
-    so that errors name the config path (`slurm.dpo.time`). Pass `_where="slurm.dpo"` to the
-    constructor for the same effect.
+    Build it with keywords; pass `_where="slurm.dpo"` so that errors name the config path
+    (`slurm.dpo.time`). The config layer (`pipeline.configlib.from_dict`) does that for each
+    section and refuses unknown keys with the list of valid ones.
     """
     partition: str | None = field(default=None, metadata=_help(
         "SLURM partition (sbatch --partition); several may be comma-separated; none = the cluster default."))
@@ -273,24 +272,6 @@ class SlurmResources:
         target = _RESERVED_SBATCH[key]
         first = target.split(" ")[0]
         return f"{w}.{target}" if first in {f.name for f in dataclasses.fields(SlurmResources)} else target
-
-    # ------------------------------------------------------------------ construction from config
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "slurm") -> "SlurmResources":
-        """Build from a config mapping; unknown keys are refused with the sorted list of valid ones."""
-        if isinstance(d, SlurmResources):
-            d = dataclasses.asdict(d)
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected a mapping of SLURM settings, got {type(d).__name__} {d!r}")
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted((str(k) for k in d if k not in valid))
-        if unknown:
-            close = {k: [v for v in valid if v.startswith(k)][:1] or difflib.get_close_matches(k, valid, n=1)
-                     for k in unknown}
-            hints = "; ".join(f"did you mean {where}.{c[0]} instead of {where}.{k}?" for k, c in close.items() if c)
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}{'; ' + hints if hints else ''}; "
-                             f"valid keys: {', '.join(valid)}")
-        return cls(**d, _where=where)
 
     # ------------------------------------------------------------------ derived values
     @property

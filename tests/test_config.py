@@ -39,14 +39,16 @@ def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
 @pytest.mark.parametrize("sets, field, fix", [
     (["dpo.betas=[0.1,-0.5]"], "dpo.betas[1]", "must be > 0"),
     (["dpo.betas=[0]"], "dpo.betas[0]", "must be > 0"),
-    (["dpo.bta=0.1"], "dpo", "unknown key(s) bta; valid keys:"),
+    (["dpo.bta=0.1"], "dpo", "unknown key(s) bta; did you mean dpo.betas instead of dpo.bta?; valid keys:"),
     (["sft.batch_size=eight"], "sft.batch_size", "expected an integer"),
     (["sft.learning_rate=fast"], "sft.learning_rate", "expected a number"),
     (["wandb.enabled=maybe"], "wandb.enabled", "expected true or false"),
     (["data.dataset=./no/such/file.parquet"], "data.dataset", "does not exist"),
     (["reward.kind=bert"], "reward.kind", "is not 'classifier' or 'vader'"),
     (["pairs.completions_per_prompt=1"], "pairs.completions_per_prompt", ">= 2"),
-    (["nonsense.key=1"], "", "unknown key(s) nonsense"),
+    (["nonsense.key=1"], "unknown top-level key(s) nonsense", "valid sections: data, device, distributed"),
+    (["tiny.x=1"], "unknown top-level key(s) tiny;", "valid sections:"),
+    (["slurm.dpo.gpus=1"], "slurm.dpo", "did you mean slurm.dpo.gpus_per_node instead of slurm.dpo.gpus?"),
 ])
 def test_bad_values_name_the_field(sets, field, fix):
     with pytest.raises(ValueError) as info:

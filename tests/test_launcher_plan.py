@@ -5,6 +5,7 @@ from jobs import records
 from jobs.config import resolve_config, save_config
 from jobs.launcher import plan_slurm
 from pipeline.layout import RunLayout, atomic_write_json
+from pipeline.registry import Arm
 from slurm.queue import JobRecord
 
 
@@ -26,7 +27,7 @@ def states(**by_id):
 
 
 def summary(planned):
-    return [(p.stage.name, p.tasks, p.depends_on) for p in planned]
+    return [(p.stage.name, [records.task_key(t) or None for t in p.tasks], p.depends_on) for p in planned]
 
 
 def test_a_healthy_queue_is_left_alone(run):
@@ -52,8 +53,8 @@ def test_a_failed_shard_is_resubmitted_and_everything_behind_it_rewired(run):
 def test_one_failed_beta_is_resubmitted_alone_and_eval_waits_for_it(run):
     cfg, layout = run
     atomic_write_json(layout.done_path("pairs"), {})
-    for beta in ("0.05", "1.0"):
-        atomic_write_json(layout.done_path("dpo", beta), {})
+    for beta in (0.05, 1.0):
+        atomic_write_json(layout.done_path("dpo", Arm(beta)), {})
     planned, stale = plan_slurm(cfg, layout, states(**{"12x0": "COMPLETED", "12x1": "TIMEOUT", "12x2": "COMPLETED",
                                                          "13": "PENDING"}))
     assert summary(planned) == [("dpo", ["0.1"], []), ("eval", [None], ["<dpo>"])]

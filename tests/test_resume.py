@@ -1,12 +1,13 @@
 """Stop on a signal, save at that step, resume exactly; crash recovery from the last complete checkpoint."""
 import json
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from conftest import clone_before_dpo, max_weight_difference, start_stage_job, wait_for_step
-from pipeline.training import COMPLETE, complete_checkpoints, latest_checkpoint, prune_checkpoints
+from pipeline.training import COMPLETE, complete_checkpoints, is_eval_checkpoint, latest_checkpoint, prune_checkpoints
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True, full: bool = True) -> Path:
@@ -35,7 +36,7 @@ def test_pruning_keeps_the_last_k_whole_and_the_weights_eval_needs(tmp_path):
     for step in (25, 37, 50, 75):  # 37: a save made on a stop request
         make_checkpoint(tmp_path, step)
     stale = make_checkpoint(tmp_path, 60, complete=False)
-    prune_checkpoints(tmp_path, keep_last=2, eval_every=25)
+    prune_checkpoints(tmp_path, keep_last=2, keep_weights=partial(is_eval_checkpoint, save_steps=25))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-25", "checkpoint-50", "checkpoint-75"]
     assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "checkpoint-25").iterdir()) == [COMPLETE, "model.safetensors"]
@@ -45,7 +46,7 @@ def test_pruning_keeps_the_last_k_whole_and_the_weights_eval_needs(tmp_path):
 def test_sft_pruning_keeps_only_the_last_k(tmp_path):
     for step in (100, 200, 300):
         make_checkpoint(tmp_path, step)
-    prune_checkpoints(tmp_path, keep_last=1, eval_every=None)
+    prune_checkpoints(tmp_path, keep_last=1, keep_weights=None)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-300"]
 
 
@@ -65,7 +66,7 @@ def test_signal_saves_at_the_current_step_and_resume_is_exact(tiny_run, tmp_path
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "stopped on request (timeout)" in out
     stopped = json.loads((stage_dir / "progress.json").read_text())
-    assert stopped["status"] == "interrupted (timeout)"
+    assert (stopped["status"], stopped["stop_reason"]) == ("interrupted", "timeout")
     step = stopped["step"]
     assert latest_checkpoint(stage_dir / "checkpoints")[0] == step > 25  # saved where it stopped, not at 25
     assert not (stage_dir / "DONE.json").exists()

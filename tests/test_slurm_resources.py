@@ -13,6 +13,7 @@ import pytest
 import submitit
 from submitit.slurm import slurm as submitit_slurm
 
+from pipeline.configlib import from_dict
 from slurm import submit
 from slurm.resources import SlurmResources, parse_time_seconds
 
@@ -23,12 +24,19 @@ W = "slurm.dpo"
 
 
 def make(**kwargs) -> SlurmResources:
-    return SlurmResources.from_dict(kwargs, where=W)
+    return SlurmResources(**kwargs, _where=W)
 
 
 def error_of(**kwargs) -> str:
     with pytest.raises(ValueError) as info:
         make(**kwargs)
+    return str(info.value)
+
+
+def config_error_of(**kwargs) -> str:
+    """As the config layer builds each `slurm.<section>` (unknown keys are refused there)."""
+    with pytest.raises(ValueError) as info:
+        from_dict(SlurmResources, kwargs, where=W)
     return str(info.value)
 
 
@@ -62,7 +70,7 @@ def test_replace_revalidates_and_round_trips():
     r = make(partition="gpu", gpus_per_node=2, mem="64G", extra_sbatch_args={"mail-type": "END"})
     cpu = dataclasses.replace(r, nodes=1, gpus_per_node=0)
     assert cpu.gpus_per_node == 0 and cpu.partition == "gpu"
-    assert SlurmResources.from_dict(dataclasses.asdict(r), where=W) == r
+    assert from_dict(SlurmResources, dataclasses.asdict(r), where=W) == r
     with pytest.raises(ValueError, match=r"^slurm\.nodes: must be >= 1"):
         dataclasses.replace(r, nodes=0)
 
@@ -74,7 +82,7 @@ def test_frozen():
 
 # ------------------------------------------------------------------ unknown keys
 def test_unknown_key_lists_sorted_valid_keys_and_suggests():
-    message = error_of(gpus=1)
+    message = config_error_of(gpus=1)
     valid = sorted(f.name for f in dataclasses.fields(SlurmResources))
     assert message.startswith("slurm.dpo: unknown key(s) gpus"), message
     assert f"valid keys: {', '.join(valid)}" in message
@@ -83,11 +91,11 @@ def test_unknown_key_lists_sorted_valid_keys_and_suggests():
 
 def test_from_dict_needs_a_mapping():
     with pytest.raises(ValueError, match=r"^slurm\.dpo: expected a mapping"):
-        SlurmResources.from_dict(["gpu"], where=W)
+        from_dict(SlurmResources, ["gpu"], where=W)
 
 
 def test_where_is_not_a_config_key():
-    assert "unknown key(s) _where" in error_of(_where="x")
+    assert "unknown key(s) _where" in config_error_of(_where="x")
 
 
 # ------------------------------------------------------------------ time

@@ -16,9 +16,9 @@ from pathlib import Path
 from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
-from pipeline.layout import (RunLayout, atomic_write_json, atomic_write_text, beta_tag, read_json, read_jsonl,
-                             write_manifest)
+from pipeline.layout import RunLayout, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_manifest
 from pipeline.progress import ProgressFile
+from pipeline.registry import dpo_arms
 
 FRONTIER_COLUMNS = ["policy", "beta", "step", "reward", "kl", "n"]
 
@@ -33,21 +33,20 @@ class Policy:
 
 
 def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
-    """SFT, then for each beta every complete checkpoint and the final model (deduplicated by step)."""
-    from pipeline.training import complete_checkpoints
+    """SFT, then for each arm every periodic checkpoint and the final model (deduplicated by step)."""
+    from pipeline.training import complete_checkpoints, is_eval_checkpoint
 
     policies = [Policy("sft", "sft", None, 0, layout.sft_model)]
-    for beta in cfg.dpo.betas:
-        tag = beta_tag(beta)
-        manifest = read_json(layout.done_path("dpo", tag))
+    for arm in dpo_arms(cfg):
+        manifest = read_json(layout.done_path("dpo", arm))
         if manifest is None:
-            raise RuntimeError(f"eval: DPO beta={tag} is not finished ({layout.done_path('dpo', tag)} missing)")
+            raise RuntimeError(f"eval: DPO {arm.tag} is not finished ({layout.done_path('dpo', arm)} missing)")
         final_step = manifest["metrics"]["global_step"]
-        for step, path in complete_checkpoints(layout.checkpoints_dir("dpo", tag)):
-            # every save_steps-th checkpoint; saves made on a stop request exist only for resuming
-            if step != final_step and step % cfg.dpo.save_steps == 0:
-                policies.append(Policy(f"dpo-beta{tag}-step{step}", "dpo", beta, step, path))
-        policies.append(Policy(f"dpo-beta{tag}-step{final_step}", "dpo", beta, final_step, layout.dpo_final(tag)))
+        for step, path in complete_checkpoints(layout.checkpoints_dir("dpo", arm)):
+            if step != final_step and is_eval_checkpoint(step, cfg.dpo.save_steps):
+                policies.append(Policy(f"dpo-{arm.tag}-step{step}", "dpo", arm.beta, step, path))
+        policies.append(Policy(f"dpo-{arm.tag}-step{final_step}", "dpo", arm.beta, final_step,
+                               layout.final_model("dpo", arm)))
     return policies
 
 
@@ -181,10 +180,11 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     plot_frontier(results, layout.frontier_png)
     atomic_write_text(layout.report, report_markdown(cfg, results))
     sft = results[0]
-    finals = {beta_tag(b): max((r for r in results if r["beta"] == b), key=lambda r: r["step"]) for b in cfg.dpo.betas}
+    finals = {arm.tag: max((r for r in results if r["beta"] == arm.beta), key=lambda r: r["step"])
+              for arm in dpo_arms(cfg)}
     metrics = {"sft/reward": sft["reward"],
-               **{f"dpo/beta{t}/reward": r["reward"] for t, r in finals.items()},
-               **{f"dpo/beta{t}/kl": r["kl"] for t, r in finals.items()},
+               **{f"dpo/{tag}/reward": r["reward"] for tag, r in finals.items()},
+               **{f"dpo/{tag}/kl": r["kl"] for tag, r in finals.items()},
                "policies": len(results)}
     progress.update(force=True, status="done")
     return write_manifest(layout.done_path("eval"), config=to_dict(cfg), started=started,

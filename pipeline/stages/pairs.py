@@ -9,11 +9,11 @@ from __future__ import annotations
 import itertools
 import time
 
-from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, atomic_write_jsonl, read_json, read_jsonl, write_manifest
 from pipeline.progress import ProgressFile
+from pipeline.registry import Shard
 
 
 def shard_prompts(prompts: list[str], shard: int, num_shards: int) -> list[str]:
@@ -38,8 +38,9 @@ def build_pairs(prompt: str, completions: list[dict]) -> list[dict]:
     return pairs
 
 
-def run_shard(cfg: PipelineConfig, layout: RunLayout, shard: int) -> int:
+def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
     """Generate and score one shard; returns the number of prompts it holds (0 if already done)."""
+    shard = task.index
     out = layout.pairs_shard(shard)
     if out.is_file():
         return 0
@@ -111,11 +112,3 @@ def merge(cfg: PipelineConfig, layout: RunLayout) -> dict:
     return write_manifest(layout.done_path("pairs"), config=to_dict(cfg), started=started,
                           inputs={"sft_model": str(layout.sft_model), "shards": cfg.pairs.num_shards},
                           metrics=metrics)
-
-
-def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
-    """All shards in this process, then the merge (the local, no-array path)."""
-    for shard in range(cfg.pairs.num_shards):
-        interrupt.check(shard, f"{shard} of {cfg.pairs.num_shards} shards finished")
-        run_shard(cfg, layout, shard)
-    return merge(cfg, layout)
