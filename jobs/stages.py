@@ -20,8 +20,12 @@ def run_stage(run_dir: str | Path, stage: str, task: Task = None):
     """Run one stage (or one array task) of the run in `run_dir`; idempotent."""
     from jobs.config import load_run_config
 
+    from pipeline import hub
+
     cfg = load_run_config(run_dir)
     layout = RunLayout(run_dir)
+    # jobs never download: hub models and data were prefetched on the login node (`launch.py run`)
+    os.environ.update(hub.offline_environment(cfg, layout.root))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(layout.compile_cache))
     return get_stage(stage).execute(cfg, layout, task)
 

@@ -14,6 +14,13 @@ SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 KV_CACHES = ("dynamic", "static")
+# transformers' SchedulerType values (a test keeps them in step), less reduce_lr_on_plateau: it needs
+# an eval metric these stages do not compute.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+# TRL DPOTrainer's pairwise losses (`DPOConfig.loss_type`; a test builds a DPOConfig with each).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -64,6 +71,9 @@ class DataConfig:
 
     def __post_init__(self):
         _check(bool(self.dataset), "data.dataset", "must not be empty; use a hub id, a local file or 'tiny'")
+        _check(bool(self.text_field), "data.text_field", "must name the column holding the review text, e.g. text")
+        for field in ("train_split", "prompt_split"):
+            _check(bool(getattr(self, field)), f"data.{field}", "must name a split, e.g. train or test")
         _check(self.tiny_reviews >= 10, "data.tiny_reviews", "must be >= 10")
         _check(self.tiny_max_sentences >= 1, "data.tiny_max_sentences", "must be >= 1")
         _check(1 <= self.prompt_min_tokens <= self.prompt_max_tokens, "data.prompt_min_tokens",
@@ -83,6 +93,8 @@ class RewardConfig:
 
     def __post_init__(self):
         _check(self.kind in ("classifier", "vader"), "reward.kind", f"{self.kind!r} is not 'classifier' or 'vader'")
+        _check(bool(self.model), "reward.model", "must not be empty; use a hub id or a directory")
+        _check(bool(self.positive_label), "reward.positive_label", "must name a label of the classifier, e.g. POSITIVE")
         _check(self.batch_size >= 1, "reward.batch_size", "must be >= 1")
         _check(self.max_length >= 8, "reward.max_length", "must be >= 8")
 
@@ -115,6 +127,8 @@ class TrainConfig:
         _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
         _check(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0, e.g. 2e-5")
         _check(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
+        _check(self.lr_scheduler in LR_SCHEDULERS, f"{section}.lr_scheduler",
+               f"{self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         for field in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps", "keep_last"):
             _check(getattr(self, field) >= 1, f"{section}.{field}", "must be >= 1")
         _check(self.compile in COMPILE_MODES, f"{section}.compile",
@@ -173,6 +187,8 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self):
         self._check_train("dpo")
+        _check(self.loss_type in DPO_LOSS_TYPES, "dpo.loss_type",
+               f"{self.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
         _check(len(self.betas) >= 1, "dpo.betas", "must list at least one beta, e.g. [0.1]")
         for i, beta in enumerate(self.betas):
             _check(beta > 0, f"dpo.betas[{i}]", f"beta={beta} must be > 0 (it scales the implicit KL penalty)")
@@ -269,3 +285,14 @@ class PipelineConfig:
             _check(self.num_threads >= 1, "num_threads", "must be >= 1 or null")
         _check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
                f"{self.name!r}: use letters, digits, '-' and '_' only")
+        if self.model.name == "tiny":  # its context length is known before anything runs
+            self._check_tiny_context()
+
+    def _check_tiny_context(self):
+        context, prompt = self.model.n_positions, self.data.prompt_max_tokens
+        needs = {"pairs.max_new_tokens": prompt + self.pairs.max_new_tokens,
+                 "eval.max_new_tokens": prompt + self.eval.max_new_tokens,
+                 "sft.max_length": self.sft.max_length, "dpo.max_length": self.dpo.max_length}
+        for field, tokens in needs.items():
+            _check(tokens <= context, field, f"needs {tokens} tokens (prompt included), more than the tiny model's "
+                                             f"context (model.n_positions={context}); lower it or raise model.n_positions")

@@ -55,10 +55,32 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config {path}: not a text file ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where the YAML is malformed and what the parser expected."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    return f"{where}{problem}{' (' + context + ')' if context else ''}; fix the YAML syntax".replace("\n", " ")
+
+
+def _parse_cli(value: CliValue, where: str) -> Any:
+    """A `--set` value as YAML (numbers, lists, null, booleans)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where}: cannot parse {str(value)!r}: {_yaml_problem(exc)}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -73,7 +95,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, CliValue) and str in options:
             return str(value) if value.strip().lower() not in ("null", "none", "~") else None
         if isinstance(value, CliValue):
-            value = yaml.safe_load(value)
+            value = _parse_cli(value, where)
         if value is None and type(None) in options:
             return None
         errors = []
@@ -88,10 +110,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(value, CliValue):
         if tp is str:
             return str(value)
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{where}: cannot parse {str(value)!r}: {exc}") from None
+        value = _parse_cli(value, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (list, tuple):

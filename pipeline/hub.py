@@ -28,10 +28,9 @@ from typing import Callable
 
 from pipeline.config import PipelineConfig
 from pipeline.data import validate_dataset_source
-from pipeline.layout import atomic_write_json, read_json
+from pipeline.layout import RunLayout, atomic_write_json, read_json
 
 REVISIONS_ENV = "SLURM_DPO_HUB_REVISIONS"
-REVISIONS_FILE = "hub_revisions.json"
 PREFETCH_HINT = ("run `python launch.py prefetch --run-dir RUN` (`launch.py run` does it before submitting) "
                  "on a machine with hub access")
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`, or set HF_TOKEN)"
@@ -53,7 +52,7 @@ class HubReference:
 
 def revisions_file(run_root: str | Path) -> Path:
     """Where a run records the hub revisions it uses."""
-    return Path(run_root) / REVISIONS_FILE
+    return RunLayout(run_root).hub_revisions
 
 
 def _local_model_dir(name: str, field: str) -> bool:

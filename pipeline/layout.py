@@ -111,6 +111,11 @@ class RunLayout:
         return self.root / "config.yaml"
 
     @property
+    def hub_revisions(self) -> Path:
+        """The commit sha of every hub model/dataset the run uses (written by `launch.py prefetch`/`run`)."""
+        return self.root / "hub_revisions.json"
+
+    @property
     def jobs(self) -> Path:
         """Scheduler state: submitit folders, job-id records, logs."""
         return self.root / "jobs"
@@ -198,6 +203,11 @@ class RunLayout:
         return self.stage_dir("eval") / "report.md"
 
 
+# The environment a stage ran in, as far as it decides what the stage could read and use.
+RECORDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+                        "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "WORLD_SIZE")
+
+
 def write_manifest(path: Path, *, config: dict, inputs: dict, metrics: dict, started: float,
                    extra: dict | None = None) -> dict:
     """Write the completion marker of a stage/shard last, atomically."""
@@ -212,6 +222,7 @@ def write_manifest(path: Path, *, config: dict, inputs: dict, metrics: dict, sta
         "wall_time_s": round(time.time() - started, 2),
         "host": os.uname().nodename,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "environment": {name: os.environ[name] for name in RECORDED_ENVIRONMENT if name in os.environ},
         **(extra or {}),
     }
     atomic_write_json(path, manifest)

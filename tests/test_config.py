@@ -46,6 +46,22 @@ def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     (["data.dataset=./no/such/file.parquet"], "data.dataset", "does not exist"),
     (["reward.kind=bert"], "reward.kind", "is not 'classifier' or 'vader'"),
     (["pairs.completions_per_prompt=1"], "pairs.completions_per_prompt", ">= 2"),
+    (["dpo.loss_type=nosuch"], "dpo.loss_type", "'nosuch' is not one of sigmoid, hinge, ipo,"),
+    (["sft.lr_scheduler=cosine_annealing"], "sft.lr_scheduler", "is not one of linear, cosine,"),
+    (["dpo.lr_scheduler=reduce_lr_on_plateau"], "dpo.lr_scheduler", "is not one of"),
+    (["model.dtype=fp8"], "model.dtype", "'fp8' is not one of auto, float32, bfloat16, float16"),
+    (["dpo.compile=fast"], "dpo.compile", "'fast' is not one of off, default, reduce-overhead"),
+    (["pairs.kv_cache=paged"], "pairs.kv_cache", "'paged' is not one of dynamic, static"),
+    (["distributed.zero_stage=1"], "distributed.zero_stage", "1 is not one of 0, 2, 3"),
+    (["wandb.mode=live"], "wandb.mode", "'live' is not offline, online or disabled"),
+    (["device=gpu"], "device", "'gpu' is not auto, cpu or cuda"),
+    (["data.text_field="], "data.text_field", "must name the column"),
+    (["reward.positive_label="], "reward.positive_label", "must name a label"),
+    (["pairs.max_new_tokens=200"], "pairs.max_new_tokens", "more than the tiny model's context (model.n_positions=128)"),
+    (["dpo.max_length=512"], "dpo.max_length", "raise model.n_positions"),
+    (["dpo.betas=[0.1"], "dpo.betas", "cannot parse '[0.1': line 1, column 5: expected ',' or ']'"),
+    (["eval.fixed_prompts=hello"], "eval.fixed_prompts", "expected a list"),
+    (["slurm.dpo.time=forever"], "slurm.dpo.time", "'forever'"),
     (["nonsense.key=1"], "unknown top-level key(s) nonsense", "valid sections: data, device, distributed"),
     (["tiny.x=1"], "unknown top-level key(s) tiny;", "valid sections:"),
     (["slurm.dpo.gpus=1"], "slurm.dpo", "did you mean slurm.dpo.gpus_per_node instead of slurm.dpo.gpus?"),
@@ -55,6 +71,32 @@ def test_bad_values_name_the_field(sets, field, fix):
         resolve_config("tiny", sets=sets)
     message = str(info.value)
     assert message.startswith(field) and fix in message, message
+
+
+def test_valid_choices_follow_the_libraries():
+    """The accepted schedulers and DPO losses are the ones transformers and TRL take."""
+    from transformers import SchedulerType
+    from trl import DPOConfig as TRLDPOConfig
+
+    from pipeline.config import DPO_LOSS_TYPES, LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType} - {"reduce_lr_on_plateau"}
+    for loss in DPO_LOSS_TYPES:
+        TRLDPOConfig(output_dir="/tmp/unused", loss_type=[loss], use_cpu=True, report_to=[])
+    for loss in ("ipo", "robust", "hinge"):
+        assert resolve_config("tiny", sets=[f"dpo.loss_type={loss}"]).dpo.loss_type == loss
+
+
+def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dpo:\n  betas: [0.1, 0.2\n  learning_rate: 1e-5\n")
+    run_dir = tmp_path / "run"
+    proc = launch("run", "--preset", "tiny", "--config", str(bad), "--run-dir", str(run_dir), "--executor", "local",
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --config {bad}: line 3, column ") and "fix the YAML syntax" in line
+    assert not run_dir.exists()
 
 
 def test_unknown_preset_lists_the_valid_ones():
@@ -71,6 +113,10 @@ def test_set_needs_key_and_value():
     (["--set", "dpo.betas=[-1]"], "dpo.betas[0]: beta=-1.0 must be > 0"),
     (["--set", "sft.epochs=x"], "sft.epochs: expected a number"),
     (["--set", "data.dataset=/nope/imdb.jsonl"], "data.dataset: /nope/imdb.jsonl does not exist"),
+    (["--set", "dpo.loss_type=nosuch"], "dpo.loss_type: 'nosuch' is not one of sigmoid"),
+    (["--set", "tiny.x=1"], "error: unknown top-level key(s) tiny; valid sections:"),
+    (["--until", "nosuch"], "--until 'nosuch': unknown stage; choose one of sft, pairs, pairs_merge, dpo, eval"),
+    (["--set", "model.name=./no/such/model"], "model.name: ./no/such/model is not an existing directory"),
 ])
 def test_cli_refuses_bad_config_and_writes_nothing(tmp_path, args, expected):
     run_dir = tmp_path / "run"
