@@ -83,8 +83,20 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
                 "last_checkpoint": progress.get("last_checkpoint"),
                 "eta_s": _eta_s(progress, state),
                 "submissions": submissions.get(key, 0),
+                "stop_save_s": progress.get("stop_save_s"),
+                "warnings": save_time_warnings(stage, task, progress, getattr(cfg.slurm, stage.resources)),
             })
     return rows
+
+
+def save_time_warnings(stage: Stage, task: Task, progress: dict, resources) -> list[str]:
+    """A stop-save that used more than half of SLURM's warning time may not finish next time."""
+    stop_save_s = progress.get("stop_save_s")
+    if stop_save_s is None or stop_save_s <= resources.signal_lead_s / 2:
+        return []
+    return [f"{stage.label(task)}: the checkpoint saved at its last stop took {stop_save_s:.0f} s, more than half of "
+            f"slurm.{stage.resources}.signal_lead_s={resources.signal_lead_s}; raise signal_lead_s so the next "
+            "stop-save finishes before the time limit"]
 
 
 def _fmt_seconds(value) -> str:
@@ -121,6 +133,8 @@ def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interv
                 print("\033[2J\033[H", end="")
             print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
             print(format_table(rows))
+            for warning in (w for r in rows for w in r["warnings"]):
+                print(f"warning: {warning}")
         if not watch or finished(rows):
             return 0
         time.sleep(interval)

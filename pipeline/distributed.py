@@ -34,6 +34,23 @@ def world() -> World:
                  size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def cuda_device_index(local_rank: int, visible_gpus: int) -> int:
+    """Which visible GPU a rank uses, whether its task sees every GPU of the node or only its own.
+
+    Sites differ: without binding each task sees all of the node's GPUs and picks LOCAL_RANK; with
+    `ConstrainDevices=yes` or `--gpu-bind=single:1` a task sees exactly one, its own, as device 0.
+    """
+    if visible_gpus < 1:
+        raise RuntimeError("this process sees no GPU (CUDA_VISIBLE_DEVICES / the site's device binding); ask for "
+                           "GPUs with slurm.<stage>.gpus_per_node or use --set device=cpu")
+    if visible_gpus == 1:
+        return 0
+    if local_rank < visible_gpus:
+        return local_rank
+    raise RuntimeError(f"LOCAL_RANK={local_rank} but this task sees only {visible_gpus} GPUs: the job has more tasks "
+                       "per node than GPUs; keep one task per GPU (slurm.<stage>.gpus_per_node)")
+
+
 def init(device_type: str, deepspeed: bool = False) -> World:
     """Create the process group (gloo on CPU, nccl on GPUs) before any Trainer exists.
 
@@ -54,7 +71,7 @@ def init(device_type: str, deepspeed: bool = False) -> World:
         if device_type == "cuda":
             import torch
 
-            torch.cuda.set_device(current.local_rank)
+            torch.cuda.set_device(cuda_device_index(current.local_rank, torch.cuda.device_count()))
         PartialState(backend="nccl" if device_type == "cuda" else "gloo")
     return current
 

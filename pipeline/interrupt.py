@@ -52,10 +52,18 @@ def check(step: int | None = None, detail: str = "") -> None:
 SYNC_EVERY_STEPS = 5  # ranks agree on a stop every few steps: a collective + host sync per step would cost speed
 
 
-def synchronized_stop_requested(step: int) -> bool:
-    """True on every rank, at the same step, if any rank was asked to stop (ranks may see a signal at
-    different steps). With several processes they compare flags every SYNC_EVERY_STEPS steps only.
+def agreed_stop_reason() -> str | None:
+    """The stop reason every rank agrees on, now (one collective; use once, e.g. when training ended).
+
+    Ranks compare flags only every SYNC_EVERY_STEPS steps, so a signal that arrived after the last
+    comparison is known to some ranks only; deciding on local flags would split them (and hang).
     """
+    _agree()
+    return _reason
+
+
+def _agree() -> bool:
+    """All-reduce the stop flags (the reason as a code, the highest wins); True if any rank stopped."""
     requested = _reason is not None
     try:
         import torch.distributed as dist
@@ -63,19 +71,31 @@ def synchronized_stop_requested(step: int) -> bool:
         return requested
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return requested
-    if step % SYNC_EVERY_STEPS:
-        return False
     import torch
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    # the reason travels too (as a code, the highest wins) so that rank 0, which requeues, knows it
-    # even when only another rank got the signal
+    # the reason travels too so that rank 0, which requeues, knows it even when only another rank got the signal
     code = torch.tensor([float(_REASON_CODES.get(_reason, 1) if requested else 0)], device=device)
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     agreed = int(code.item())
     if agreed and _reason is None:
         request_stop(_CODE_REASONS.get(agreed, TERMINATED))
     return agreed > 0
+
+
+def synchronized_stop_requested(step: int) -> bool:
+    """True on every rank, at the same step, if any rank was asked to stop (ranks may see a signal at
+    different steps). With several processes they compare flags every SYNC_EVERY_STEPS steps only.
+    """
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return _reason is not None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _reason is not None
+    if step % SYNC_EVERY_STEPS:
+        return False
+    return _agree()
 
 
 _REASON_CODES = {TERMINATED: 1, PREEMPTED: 2, TIMEOUT: 3}

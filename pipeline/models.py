@@ -34,7 +34,10 @@ def resolve_device(cfg: PipelineConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but torch sees no GPU; use --set device=cpu or run on a GPU node")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one process per GPU
+        from pipeline.distributed import cuda_device_index
+
+        # one process per GPU, whether the task sees all of the node's GPUs or only its own
+        return torch.device("cuda", cuda_device_index(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()))
     return torch.device("cpu")
 
 

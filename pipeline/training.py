@@ -88,6 +88,7 @@ class CheckpointAndProgress(TrainerCallback):
         self.zero_stage = zero_stage
         self.keep_last = keep_last
         self.keep_weights = keep_weights
+        self._step_ended = time.monotonic()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress.update(force=True, step=state.global_step, total_steps=state.max_steps)
@@ -98,6 +99,7 @@ class CheckpointAndProgress(TrainerCallback):
         if interrupt.synchronized_stop_requested(state.global_step):
             control.should_save = True           # every rank takes part in this save
             control.should_training_stop = True
+        self._step_ended = time.monotonic()  # the Trainer saves right after the step's callbacks
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -105,11 +107,14 @@ class CheckpointAndProgress(TrainerCallback):
         distributed.barrier()  # every rank has written its shard before the checkpoint counts
         if state.is_world_process_zero and path.is_dir():
             reason = interrupt.stop_reason() or "periodic"
+            save_s = round(time.monotonic() - self._step_ended, 2)
             atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason,
                                                 "world_size": distributed.world().size,
-                                                "zero_stage": self.zero_stage})
+                                                "zero_stage": self.zero_stage, "save_s": save_s})
             prune_checkpoints(Path(args.output_dir), self.keep_last, self.keep_weights)
-            self.progress.update(force=True, step=state.global_step, last_checkpoint=path.name)
+            # how long saves take, against the time SLURM's warning leaves (status warns)
+            timing = {"last_save_s": save_s, **({"stop_save_s": save_s} if reason != "periodic" else {})}
+            self.progress.update(force=True, step=state.global_step, last_checkpoint=path.name, **timing)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
@@ -117,11 +122,18 @@ class CheckpointAndProgress(TrainerCallback):
 
 
 def finish_or_raise(trainer, progress: ProgressFile) -> None:
-    """After `trainer.train()`: if it stopped on request, record that and raise StageInterrupted."""
-    reason = interrupt.stop_reason()
-    if reason is not None:
-        progress.stopped(reason, trainer.state.global_step)
-        interrupt.check(trainer.state.global_step, "checkpoint saved")
+    """After `trainer.train()`: if the ranks agree it stopped on request before its last step, record
+    that and raise StageInterrupted (every rank saved the checkpoint at that step).
+
+    The agreement is one collective: a signal that came after the ranks last compared flags would
+    otherwise make some ranks finish (a collective final save) while others raise, and hang.
+    A stop that came with the last step changes nothing: the stage is complete.
+    """
+    reason = interrupt.agreed_stop_reason()
+    step = trainer.state.global_step
+    if reason is not None and step < trainer.state.max_steps:
+        progress.stopped(reason, step)
+        interrupt.check(step, "checkpoint saved")
 
 
 def configure_wandb(cfg: PipelineConfig, wandb_dir: Path, run_key: str, id_file: Path, is_main: bool = True) -> list[str]:

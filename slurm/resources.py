@@ -315,6 +315,9 @@ class SlurmResources:
             "signal_delay_s": self.signal_lead_s,
             "array_parallelism": self.array_parallelism,
             "stderr_to_stdout": False,  # separate .out / .err logs per task (see slurm.submit.job_log_paths)
+            # Slurm 22.05-23.02: srun no longer inherits --cpus-per-task from the batch script; where tasks
+            # are bound to CPUs, a rank would otherwise get fewer CPUs than the job asked for
+            "srun_args": [f"--cpus-per-task={self.cpus_per_task}"],
             # --requeue: jobs requeue themselves on time-out, also where the cluster default is JobRequeue=0
             "additional_parameters": {"requeue": True,
                                       **{k: (True if v == "" else v) for k, v in self.extra_sbatch_args.items()}},

@@ -39,3 +39,48 @@ def test_single_process_stops_at_the_very_next_step():
     interrupt.request_stop("terminated")
     assert interrupt.synchronized_stop_requested(2)  # no peers to agree with: no waiting
     interrupt.clear()
+
+
+def _final_rank(rank: int, port: int, results) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    interrupt.clear()
+    last_sync = interrupt.SYNC_EVERY_STEPS
+    assert not interrupt.synchronized_stop_requested(last_sync)
+    if rank == 1:
+        interrupt.request_stop("preempted")  # after the last comparison: rank 0 has not seen it
+    local = interrupt.stop_reason()
+    results[rank] = (local, interrupt.agreed_stop_reason())
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_that_came_after_their_last_comparison():
+    """The end of training decides on the agreed flag, not the local one (ranks would split and hang)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_final_rank, args=(port, results), nprocs=2, join=True)
+    assert results[0] == (None, "preempted") and results[1] == ("preempted", "preempted")
+
+
+def test_finish_or_raise_raises_only_for_a_stop_before_the_last_step(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from pipeline.progress import ProgressFile
+    from pipeline.training import finish_or_raise
+
+    progress = ProgressFile(tmp_path / "progress.json")
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=75, max_steps=75))
+    interrupt.clear()
+    interrupt.request_stop("timeout")
+    finish_or_raise(trainer, progress)  # the stop came with the last step: the stage is complete
+    trainer.state.global_step = 40
+    with pytest.raises(interrupt.StageInterrupted, match="timeout"):
+        finish_or_raise(trainer, progress)
+    assert (progress.state["status"], progress.state["stop_reason"], progress.state["step"]) == ("interrupted",
+                                                                                                 "timeout", 40)
+    interrupt.clear()
+    finish_or_raise(trainer, progress)  # no stop: nothing to do

@@ -284,6 +284,7 @@ def test_to_submitit_params_gpu_job():
         "job_name": "gpt2-large-dpo", "partition": "gpu", "account": "proj", "qos": "high", "constraint": "a100",
         "time": 1441, "nodes": 2, "ntasks_per_node": 4, "cpus_per_task": 8, "gpus_per_node": 4, "mem": "0",
         "signal_delay_s": 300, "array_parallelism": 4, "stderr_to_stdout": False,
+        "srun_args": ["--cpus-per-task=8"],  # srun does not inherit it from sbatch (Slurm 22.05-23.02)
         "additional_parameters": {"mail-type": "END", "requeue": True},
     }
 
@@ -292,7 +293,7 @@ def test_to_submitit_params_cpu_job_drops_nones_and_zero_gpus():
     assert SlurmResources().to_submitit_params("x") == {
         "job_name": "x", "time": 60, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1,
         "signal_delay_s": 120, "array_parallelism": 16, "stderr_to_stdout": False,
-        "additional_parameters": {"requeue": True}}  # every job may requeue itself on time-out
+        "srun_args": ["--cpus-per-task=1"], "additional_parameters": {"requeue": True}}  # every job may requeue itself on time-out
 
 
 def test_to_submitit_params_are_accepted_by_submitit():

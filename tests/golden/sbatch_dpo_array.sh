@@ -21,4 +21,4 @@
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/runs/dpo/jobs/dpo/%A_%a_%t_log.out --error /shared/runs/dpo/jobs/dpo/%A_%a_%t_log.err python -u -m submitit.core._submit /shared/runs/dpo/jobs/dpo
+srun --unbuffered --output /shared/runs/dpo/jobs/dpo/%A_%a_%t_log.out --error /shared/runs/dpo/jobs/dpo/%A_%a_%t_log.err --cpus-per-task=8 python -u -m submitit.core._submit /shared/runs/dpo/jobs/dpo
