@@ -6,9 +6,13 @@ now), and failed or cancelled tasks are submitted again with their dependants re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,9 +184,38 @@ def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJ
     return "\n".join(parts)
 
 
+def reconcile_intents(layout: RunLayout, log=print) -> None:
+    """Turn intents left without job ids (a launcher that died between `sbatch` and its record) into
+    records of the jobs the queue holds under their comment, or drop them if no such job exists
+    (never submitted, or already gone: a finished job left its DONE marker or is resubmitted)."""
+    for intent in records.unconfirmed(layout):
+        found = queue.jobs_with_comment(records.comment_for(intent.intent))
+        if not found:
+            records.replace(layout, intent.intent, None)
+            continue
+        parent = found[0].split("_")[0]
+        array = any("_" in job_id for job_id in found)
+        tasks = {key: f"{parent}_{i}" if array else parent for i, key in enumerate(intent.tasks)}
+        records.replace(layout, intent.intent, dataclasses.replace(intent, job_id=parent, tasks=tasks))
+        log(f"{intent.stage:>12}: found job {parent} in the queue (submitted by a launch that died before "
+            "recording it); not submitting it again")
+
+
+def _fault_point(stage: Stage) -> None:
+    """Test hook: die right after `sbatch` of this stage, before its record (a killed launcher)."""
+    if os.environ.get("SLURM_DPO_FAULT_AFTER_SBATCH") == stage.name:
+        os._exit(70)
+
+
 def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None,
                  log=print) -> list[records.Submission]:
-    """Submit every stage that is not done or active, wired with afterok dependencies; returns at once."""
+    """Submit every stage that is not done or active, wired with afterok dependencies; returns at once.
+
+    Each submission is recorded as an intent before `sbatch` and completed after it. If SLURM
+    refuses a later stage, the jobs this launch submitted are cancelled: nothing half-submitted
+    stays in the queue.
+    """
+    reconcile_intents(layout, log)
     known = [job_id for _, job_id in records.latest(layout).values()]
     states = queue.query_jobs(known) if known else {}
     planned, stale = plan_slurm(cfg, layout, states, until)
@@ -190,23 +223,23 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
         queue.cancel_jobs(stale)
         log(f"cancelled {len(stale)} pending job(s) waiting on failed upstream jobs: {' '.join(stale)}")
     submitted: dict[str, str] = {}
-    made = []
+    made: list[records.Submission] = []
     for job in planned:
         deps = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.depends_on]
         folder = layout.jobs / job.stage.name
-        executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps)
-        calls = [stage_job(layout, job.stage, task, job.resources) for task in job.tasks]
-        if job.stage.is_array:
-            with executor.batch():
-                handles = [executor.submit(call) for call in calls]
-            parent = handles[0].job_id.split("_")[0]
-        else:
-            handles = [executor.submit(calls[0])]
-            parent = handles[0].job_id
-        submission = records.Submission(job.stage.name, parent,
-                                        {records.task_key(t): h.job_id for t, h in zip(job.tasks, handles)},
-                                        "slurm", str(folder))
-        records.append(layout, submission)
+        intent = records.Submission(job.stage.name, "", {records.task_key(t): "" for t in job.tasks}, "slurm",
+                                    str(folder), intent=records.new_intent())
+        records.append(layout, intent)
+        try:
+            handles = _sbatch(cfg, layout, job, deps, folder, records.comment_for(intent.intent))
+        except Exception as exc:  # noqa: BLE001 - sbatch's refusal, with SLURM's reason
+            records.replace(layout, intent.intent, None)
+            raise _undo(layout, made, job.stage, exc) from None
+        _fault_point(job.stage)
+        parent = handles[0].job_id.split("_")[0]
+        submission = dataclasses.replace(intent, job_id=parent,
+                                         tasks={records.task_key(t): h.job_id for t, h in zip(job.tasks, handles)})
+        records.replace(layout, intent.intent, submission)
         submitted[job.stage.name] = parent
         made.append(submission)
         after = f" after {','.join(deps)}" if deps else ""
@@ -214,6 +247,54 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
     if not made:
         log("nothing to submit: every stage is done or already queued/running")
     return made
+
+
+def _sbatch(cfg: ExperimentConfig, layout: RunLayout, job: PlannedJob, deps: list[str], folder: Path, comment: str):
+    executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps, comment=comment)
+    calls = [stage_job(layout, job.stage, task, job.resources) for task in job.tasks]
+    if job.stage.is_array:
+        with executor.batch():
+            return [executor.submit(call) for call in calls]
+    return [executor.submit(calls[0])]
+
+
+def _undo(layout: RunLayout, made: list[records.Submission], stage: Stage, error: Exception) -> ValueError:
+    """Cancel what this launch submitted before SLURM refused `stage`; the error to show."""
+    ids = [s.job_id for s in made]
+    if ids:
+        queue.cancel_jobs(ids)
+    for submission in made:
+        records.replace(layout, submission.intent, None)
+    reason = " ".join(str(error).split())
+    undone = f"; cancelled the {len(ids)} job(s) this launch had submitted ({' '.join(ids)})" if ids else ""
+    return ValueError(f"stage {stage.name}: SLURM refused the job: {reason}{undone}. Fix slurm.{stage.resources} "
+                      "(partition, account, qos, ...) and run again")
+
+
+@contextlib.contextmanager
+def run_lock(layout: RunLayout):
+    """One `run`/`resume` at a time per run directory (a second one would submit the same stages)."""
+    import fcntl
+
+    layout.root.mkdir(parents=True, exist_ok=True)
+    path = layout.root / ".launch.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(f"{layout.root} is being launched by {holder}; wait for it to finish (or, if that "
+                             f"process is gone, run again: the lock is released when it exits)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
 
 
 def launch(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str], executor: str,
@@ -226,16 +307,25 @@ def launch(run_dir: str | Path, preset: str | None, config_file: str | None, set
         planned, _ = plan_slurm(cfg, layout, until=until)
         log(render_plan(cfg, layout, planned) if planned else "nothing to submit")
         return 0
+    existed = layout.root.exists()
     prefetch(cfg, layout, log)
-    if new:
-        save_config(cfg, layout)
-    log(f"run directory: {layout.root} (executor: {kind})")
-    if kind == "local":
-        run_local(cfg, layout, until, log=log)
-        log(f"done: {stages_until(until)[-1].path(layout)}")
-    else:
-        submit_slurm(cfg, layout, until, log=log)
-        log(f"watch it: {Path(sys.argv[0]).name} status --run-dir {layout.root} --watch")
+    with run_lock(layout):
+        if new and layout.config.is_file():  # another launch made this run while we prepared: check against it
+            cfg, layout, new = prepare_run(run_dir, preset, config_file, sets)
+        try:
+            if new:
+                save_config(cfg, layout)
+            log(f"run directory: {layout.root} (executor: {kind})")
+            if kind == "local":
+                run_local(cfg, layout, until, log=log)
+                log(f"done: {stages_until(until)[-1].path(layout)}")
+            else:
+                submit_slurm(cfg, layout, until, log=log)
+                log(f"watch it: {Path(sys.argv[0]).name} status --run-dir {layout.root} --watch")
+        except ValueError:
+            if new and not existed and not records.load(layout):  # refused before any job: leave nothing
+                shutil.rmtree(layout.root, ignore_errors=True)
+            raise
     return 0
 
 

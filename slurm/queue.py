@@ -250,3 +250,20 @@ def cancel_jobs(job_ids: list[str], runner: Runner = subprocess.run) -> list[str
     if proc.returncode != 0 and (serious or not lines):
         raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: {' / '.join(serious or lines) or '(no message)'}")
     return [ln for ln in lines if ln not in serious]
+
+
+def jobs_with_comment(comment: str, runner: Runner = subprocess.run) -> list[str]:
+    """Ids of the caller's queued or running jobs whose comment is `comment` (array tasks one by one).
+
+    A launcher writes a unique comment into each job it submits, so a relaunch finds a job whose
+    submission was never recorded (the launcher died between `sbatch` and the record).
+    """
+    out, why = _run(runner, ["squeue", "--me", "-h", "-r", "-o", "%i|%k"])
+    if out is None:
+        raise RuntimeError(f"cannot list the queue to find jobs of an unrecorded submission: {why}")
+    found = []
+    for line in out.splitlines():
+        job_id, _, job_comment = line.strip().partition("|")
+        if job_id and job_comment == comment:
+            found.append(job_id)
+    return found

@@ -45,6 +45,7 @@ _TEXT_RULES: dict[str, tuple[str, str, str]] = {
     "constraint": (r"[A-Za-z0-9_.,:&|*()\[\]\-]+", f"{_NAME_CHARS}, ',', ':', '&', '|', '*', '(', ')', '[', ']'",
                    "'a100&ib'"),
     "job_name": (r"[A-Za-z0-9_.+\-]+", f"{_NAME_CHARS}, '+'", "'tiny-dpo'"),
+    "comment": (r"[A-Za-z0-9_.:\-]+", f"{_NAME_CHARS}, ':'", "'slurm-dpo:0123abcd'"),
 }
 _EXTRA_KEY_RE = r"[a-z][a-z0-9]*(-[a-z0-9]+)*"
 _EXTRA_VALUE_RE = r"[A-Za-z0-9_.,:=@%/+\[\]\-]*"

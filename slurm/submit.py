@@ -19,7 +19,7 @@ import submitit
 from submitit.core.utils import JobPaths
 from submitit.slurm import slurm as _submitit_slurm
 
-from slurm.resources import SlurmResources
+from slurm.resources import SlurmResources, check_safe_text
 
 EXECUTOR_KINDS = ("local", "slurm")
 _JOB_ID_RE = r"\d+(_\d+)?"
@@ -114,7 +114,8 @@ def local_gpu_params() -> dict:
 
 
 def make_executor(kind: str, folder: str | Path, resources: SlurmResources | None, job_name: str,
-                  dependencies: Iterable[str] = ()) -> submitit.SlurmExecutor | submitit.LocalExecutor:
+                  dependencies: Iterable[str] = (), comment: str | None = None,
+                  ) -> submitit.SlurmExecutor | submitit.LocalExecutor:
     """A submitit executor for one stage, writing its scripts, pickles and logs into `folder`.
 
     kind="slurm": a `SlurmExecutor` with every parameter from `resources` (None = defaults), the
@@ -138,6 +139,9 @@ def make_executor(kind: str, folder: str | Path, resources: SlurmResources | Non
         executor.update_parameters(timeout_min=resources.time_minutes, **local_gpu_params())
         return executor
     params = _slurm_params(resources, job_name, dependency_string(dependencies))
+    if comment is not None:  # finds the job in the queue if its submission was never recorded
+        check_safe_text(comment, "comment", "comment")
+        params["comment"] = comment
     try:
         executor = submitit.SlurmExecutor(folder=path, max_num_timeout=resources.max_requeues)
     except RuntimeError as exc:  # submitit refuses when `srun` is not on the PATH
