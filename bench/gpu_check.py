@@ -22,8 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GPT2_LARGE = ["model.n_layer=36", "model.n_embd=1280", "model.n_head=20", "model.n_positions=1024",
-              "model.embedding_rows=50257"]
+from bench.common import GPT2_LARGE_SHAPE, model_sets  # noqa: E402
 
 
 def settings(tiny: bool) -> list[str]:
@@ -31,19 +30,26 @@ def settings(tiny: bool) -> list[str]:
               "sft.save_steps=10", "sft.logging_steps=5", "sft.max_length=512", "pairs.num_prompts=64",
               "pairs.num_shards=1", "pairs.max_new_tokens=64", "dpo.betas=[0.1]", "dpo.batch_size=8",
               "dpo.save_steps=10", "dpo.logging_steps=5", "dpo.learning_rate=1e-5", "sft.learning_rate=1e-4",
-              "eval.num_prompts=8"]
+              "eval.num_prompts=8",
+              # padded batches: 40 SFT steps, so the interrupt at step 15 happens (packed rows of these short
+              # reviews make 3 to 9 steps); packing has its own tests
+              "sft.packing=false"]
     if tiny:
-        return common + ["device=cpu", "model.dtype=float32", "distributed.zero_stage=2"]
-    return common + GPT2_LARGE + ["device=cuda", "model.dtype=bfloat16", "distributed.zero_stage=2"]
+        return common + ["device=cpu", "model.dtype=float32", "distributed.zero_stage=2",
+                         "sft.max_length=128"]  # the tiny model's context
+    return common + model_sets(GPT2_LARGE_SHAPE) + ["device=cuda", "model.dtype=bfloat16", "distributed.zero_stage=2"]
 
 
 def run_job(run_dir: Path, stage: str, task: str | None, stop_at: int | None) -> float:
     """Run one stage task as a subprocess; with `stop_at`, send SIGUSR2 once that step is reached."""
+    from pipeline.layout import RunLayout
+    from pipeline.registry import get_stage
+
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from jobs.stages import StageJob; "
             "StageJob(sys.argv[2], sys.argv[3], sys.argv[4] or None, time_limit_s=60, signal_lead_s=30)()")
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(run_dir), stage, task or ""])
-    progress = run_dir / stage / ("" if task is None else f"beta-{task}") / "progress.json"
+    progress = get_stage(stage).progress_path(RunLayout(run_dir), get_stage(stage).parse_task(task))
     while stop_at is not None and proc.poll() is None:
         try:
             if json.loads(progress.read_text()).get("step", 0) >= stop_at:
@@ -63,6 +69,7 @@ def main() -> int:
     args = parser.parse_args()
     from jobs.config import resolve_config, save_config
     from pipeline.layout import RunLayout
+    from pipeline.registry import get_stage
 
     run_dir = Path(args.out).resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -77,16 +84,19 @@ def main() -> int:
         report["torch"] = torch.__version__
     except ImportError:
         pass
-    for stage, task, stop_at in (("sft", None, 15), ("pairs", None, None), ("dpo", "0.1", 12)):
+    # pairs.num_shards=1: one pairs task (shard 0), then the merge
+    for stage, task, stop_at in (("sft", None, 15), ("pairs", "0", None), ("pairs_merge", None, None),
+                                 ("dpo", "0.1", 12)):
         wall = [run_job(run_dir, stage, task, stop_at)]
         if stop_at is not None:
             wall.append(run_job(run_dir, stage, task, None))  # the resume
-        done = layout.done_path(stage, task)
-        if not done.exists():
+        spec, parsed = get_stage(stage), get_stage(stage).parse_task(task)
+        if not spec.is_done(layout, parsed):
             print(f"FAILED: {stage} did not finish; see the output above", file=sys.stderr)
             return 1
-        manifest = json.loads(done.read_text())
-        metrics = manifest["metrics"]
+        done = spec.done_path(layout, parsed)  # a pairs shard has none: the merge writes it
+        manifest = json.loads(done.read_text()) if done.is_file() else {}
+        metrics = manifest.get("metrics", {})
         steps = metrics.get("global_step")
         runtime = metrics.get("train_runtime")
         report[stage] = {

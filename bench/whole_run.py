@@ -24,17 +24,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-GPT2_LARGE_SHAPE = ["model.name=tiny", "model.n_layer=36", "model.n_embd=1280", "model.n_head=20",
-                    "model.n_positions=1024", "model.embedding_rows=50257", "model.vocab_size=8000"]
+from bench.common import GPT2_LARGE_SHAPE, model_sets  # noqa: E402
+
+GPT2_LARGE = ["model.name=tiny", *model_sets(GPT2_LARGE_SHAPE), "model.vocab_size=8000"]
 OFFLINE = ["data.dataset=tiny", "data.tiny_reviews=25000", "data.tiny_max_sentences=80", "reward.kind=vader",
            "wandb.enabled=false", "distributed.zero_stage=0"]
 # --smoke: the same flow with a small model and few examples, to check the script on a CPU
 SMOKE = ["device=cpu", "model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_positions=256",
          "model.embedding_rows=null", "model.vocab_size=1000", "data.tiny_reviews=300", "data.tiny_max_sentences=8",
-         "sft.max_length=256", "pairs.num_prompts=24", "pairs.max_new_tokens=16", "pairs.batch_size=32",
-         "pairs.num_shards=2", "dpo.save_steps=4", "eval.num_prompts=8", "eval.max_new_tokens=16",
-         "eval.batch_size=32"]
+         "sft.max_length=256", "dpo.max_length=256", "pairs.num_prompts=24", "pairs.max_new_tokens=16",
+         "pairs.batch_size=32", "pairs.num_shards=2", "dpo.save_steps=4", "eval.num_prompts=8",
+         "eval.max_new_tokens=16", "eval.batch_size=32"]
 
 
 def stage_times(run_dir: Path, started: float) -> dict[str, float]:
@@ -56,7 +58,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="small model and data: a CPU check of the flow")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides (a.b=value)")
     args = parser.parse_args()
-    overrides = GPT2_LARGE_SHAPE + OFFLINE + (SMOKE if args.smoke else []) + args.set
+    overrides = GPT2_LARGE + OFFLINE + (SMOKE if args.smoke else []) + args.set
     command = [sys.executable, str(REPO / "launch.py"), "run", "--preset", "gpt2-large", "--executor", "local",
                "--run-dir", args.run_dir]
     for item in overrides:
