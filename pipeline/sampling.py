@@ -33,7 +33,8 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device, width: int = 0) -
 def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int, max_new_tokens: int,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
                        seed: int = 0, kv_cache: str = "dynamic", prompt_width: int = 0,
-                       progress=None) -> list[list[Sample]]:
+                       progress=None, restored: dict[int, list[Sample]] | None = None,
+                       on_batch=None) -> list[list[Sample]]:
     """`num_samples` completions for each prompt (plain ancestral sampling by default).
 
     Returns one list per prompt. Seeded per batch, so a shard's output does not depend on which
@@ -44,6 +45,10 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
     last row, whose outputs are dropped), so on a GPU transformers compiles the decode step once
     and replays it as a CUDA graph. The tokens drawn are the same as with the dynamic cache for
     the same batch (tests/test_fast_paths.py). `prompt_width` is ignored with the dynamic cache.
+
+    Resumable: `restored` holds batches sampled before (by batch index), used instead of sampling
+    them again; `on_batch(index, samples)` is called after each new batch (to save it, and to stop
+    there: it may raise). Seeded per batch, so a resumed call draws exactly the same tokens.
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -54,6 +59,12 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
     results: list[list[Sample]] = [[] for _ in prompts]
     for batch_index, start in enumerate(range(0, len(flat), batch_size)):
         batch = flat[start:start + batch_size]
+        if restored and batch_index in restored:
+            for (p, _), sample in zip(batch, restored[batch_index]):
+                results[p].append(sample)
+            if progress is not None:
+                progress.update(len(batch))
+            continue
         rows = [encoded[p] for p, _ in batch]
         if static:
             rows += [rows[-1]] * (batch_size - len(rows))
@@ -63,14 +74,43 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
                              temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=eos, cache_implementation="static" if static else None)
         generated = out[:len(batch), ids.shape[1]:].tolist()
+        new = []
         for (p, _), tokens in zip(batch, generated):
             if eos in tokens:
                 tokens = tokens[:tokens.index(eos) + 1]
             text = tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
-            results[p].append(Sample(prompts[p], text, encoded[p], tokens))
+            new.append(Sample(prompts[p], text, encoded[p], tokens))
+            results[p].append(new[-1])
         if progress is not None:
             progress.update(len(batch))
+        if on_batch is not None:
+            on_batch(batch_index, new)
     return results
+
+
+def sample_resumable(model, tokenizer, prompts: list[str], partial_dir, label: str, **kwargs) -> list[list[Sample]]:
+    """`sample_completions` saved batch by batch into `partial_dir`: a stop request (pipeline.interrupt)
+    raises StageInterrupted right after the current batch is saved, and rerunning continues with the
+    next batch, drawing exactly the tokens an uninterrupted call draws. The caller removes
+    `partial_dir` once it has written its result."""
+    from pathlib import Path
+
+    from pipeline import interrupt
+    from pipeline.layout import atomic_write_jsonl, read_jsonl
+
+    partial_dir = Path(partial_dir)
+    restored = {}
+    for path in sorted(partial_dir.glob("batch-*.jsonl")):
+        restored[int(path.stem.split("-")[1])] = [
+            Sample(row["prompt"], row["completion"], row["prompt_ids"], row["completion_ids"]) for row in read_jsonl(path)]
+
+    def save(index: int, samples: list[Sample]) -> None:
+        atomic_write_jsonl(partial_dir / f"batch-{index:05d}.jsonl",
+                           [{"prompt": s.prompt, "completion": s.completion, "prompt_ids": s.prompt_ids,
+                             "completion_ids": s.completion_ids} for s in samples])
+        interrupt.check(None, f"{label}: sampling batch {index} saved; {len(restored)} restored")
+
+    return sample_completions(model, tokenizer, prompts, restored=restored, on_batch=save, **kwargs)
 
 
 def _padded_batch(samples: list[Sample], pad_id: int, device):

@@ -1,5 +1,6 @@
 """The stage registry: one declaration per stage, one canonical key per task, and the import rules."""
 import ast
+import json
 import dataclasses
 import subprocess
 import sys
@@ -128,3 +129,24 @@ def test_no_per_stage_branches_outside_the_registry_and_the_stage_modules():
                 hits = [c.value for c in constants if isinstance(c, ast.Constant) and c.value in names]
                 branches += [f"{path.relative_to(REPO)}:{node.lineno}: {hit!r}" for hit in hits]
     assert branches == []
+
+
+# ------------------------------------------------------------------ status: save-time budget
+def test_status_warns_when_a_stop_save_used_more_than_half_of_the_warning_time(tmp_path):
+    from pipeline.layout import atomic_write_json
+
+    layout = RunLayout(tmp_path / "run")
+    save_config(resolve_config("tiny"), layout)  # tiny: signal_lead_s=30
+    dpo = STAGE_BY_NAME["dpo"]
+    atomic_write_json(dpo.progress_path(layout, Arm(0.1)), {"step": 40, "total_steps": 75, "restarts": [],
+                                                            "stop_save_s": 16.4, "last_save_s": 16.4})
+    atomic_write_json(dpo.progress_path(layout, Arm(1.0)), {"step": 40, "total_steps": 75, "restarts": [],
+                                                            "stop_save_s": 14.0})
+    proc = launch("status", "--run-dir", str(layout.root))
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: dpo[0.1]: the checkpoint saved at its last stop took 16 s, more than half of "
+                        "slurm.dpo.signal_lead_s=30; raise signal_lead_s so the next stop-save finishes before the "
+                        "time limit"]
+    rows = {(r["stage"], r["task"]): r for r in json.loads(launch("status", "--run-dir", str(layout.root),
+                                                                  "--json").stdout)}
+    assert rows[("dpo", "0.1")]["stop_save_s"] == 16.4 and rows[("dpo", "1.0")]["warnings"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +51,17 @@ def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
     return policies
 
 
-def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, tokenizer, reward, prompts: list[str]) -> dict:
+def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, tokenizer, reward, prompts: list[str],
+                    partial_dir: Path) -> dict:
     from pipeline.reward import score_in_batches
-    from pipeline.sampling import completion_logprobs, sample_completions, sequence_kl
+    from pipeline.sampling import completion_logprobs, sample_resumable, sequence_kl
 
     ev = cfg.eval
-    groups = sample_completions(model, tokenizer, prompts, num_samples=ev.samples_per_prompt,
-                                max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-                                batch_size=ev.batch_size, seed=cfg.seed + 7, kv_cache=ev.kv_cache,
-                                prompt_width=cfg.data.prompt_max_tokens)
+    # saved per sampling batch: a stop inside a policy loses at most the batch in flight
+    groups = sample_resumable(model, tokenizer, prompts, partial_dir, f"eval {policy.id}",
+                              num_samples=ev.samples_per_prompt, max_new_tokens=ev.max_new_tokens,
+                              temperature=ev.temperature, batch_size=ev.batch_size, seed=cfg.seed + 7,
+                              kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
     rewards = score_in_batches(reward, [s.text for s in flat], cfg.reward.batch_size)
     if ref_model is None:  # the SFT policy is its own reference
@@ -159,23 +162,29 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     progress.start(sum(layout.eval_result(p.id).is_file() for p in policies))  # resumes per policy
     results = []
     policy_model = None  # one model for every DPO checkpoint, weights copied in (see load_weights_into)
-    for index, policy in enumerate(tqdm(policies, desc="eval policies", mininterval=5)):
-        interrupt.check(index, f"{index} of {len(policies)} policies evaluated")
-        out = layout.eval_result(policy.id)
-        result = read_json(out)
-        if result is None:
-            if policy.kind == "sft":
-                model = ref_model
-            elif policy_model is None:
-                model = policy_model = load_model(policy.path, device, dtype)
-            else:
-                load_weights_into(policy_model, policy.path)
-                model = policy_model
-            result = evaluate_policy(cfg, policy, model, None if policy.kind == "sft" else ref_model,
-                                     tokenizer, reward, prompts)
-            atomic_write_json(out, result)
-        results.append(result)
-        progress.update(step=index + 1, total_steps=len(policies))
+    try:
+        for index, policy in enumerate(tqdm(policies, desc="eval policies", mininterval=5)):
+            interrupt.check(index, f"{index} of {len(policies)} policies evaluated")
+            out = layout.eval_result(policy.id)
+            result = read_json(out)
+            if result is None:
+                if policy.kind == "sft":
+                    model = ref_model
+                elif policy_model is None:
+                    model = policy_model = load_model(policy.path, device, dtype)
+                else:
+                    load_weights_into(policy_model, policy.path)
+                    model = policy_model
+                partial = out.with_suffix(".partial")
+                result = evaluate_policy(cfg, policy, model, None if policy.kind == "sft" else ref_model,
+                                         tokenizer, reward, prompts, partial)
+                atomic_write_json(out, result)
+                shutil.rmtree(partial, ignore_errors=True)
+            results.append(result)
+            progress.update(step=index + 1, total_steps=len(policies))
+    except interrupt.StageInterrupted as stop:  # saved per policy and per sampling batch; rerunning resumes
+        progress.stopped(stop.reason, len(results))
+        raise
     atomic_write_text(layout.frontier_csv, frontier_csv(results))
     plot_frontier(results, layout.frontier_png)
     atomic_write_text(layout.report, report_markdown(cfg, results))

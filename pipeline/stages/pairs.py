@@ -7,8 +7,11 @@ ranked generation and all k*(k-1)/2 pairs per prompt, then the stage's DONE.json
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
+from pathlib import Path
 
+from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, atomic_write_jsonl, read_json, read_jsonl, write_manifest
@@ -48,7 +51,7 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
 
     from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
     from pipeline.reward import make_reward, score_in_batches
-    from pipeline.sampling import sample_completions
+    from pipeline.sampling import sample_resumable
 
     setup_process(cfg)
     prompts = shard_prompts([r["prompt"] for r in read_jsonl(layout.pair_prompts)], shard, cfg.pairs.num_shards)
@@ -57,13 +60,15 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
     model = load_model(layout.sft_model, device, resolve_dtype(cfg.model, device))
     k = cfg.pairs.completions_per_prompt
     with tqdm(total=len(prompts) * k, desc=f"pairs shard {shard}: sampling", mininterval=5) as bar:
-        samples = sample_completions(model, tokenizer, prompts, num_samples=k,
-                                     max_new_tokens=cfg.pairs.max_new_tokens, temperature=cfg.pairs.temperature,
-                                     top_k=cfg.pairs.top_k, top_p=cfg.pairs.top_p,
-                                     batch_size=cfg.pairs.batch_size, seed=cfg.seed * 1000 + shard,
-                                     kv_cache=cfg.pairs.kv_cache, prompt_width=cfg.data.prompt_max_tokens,
-                                     progress=bar)
+        # saved per sampling batch: a stop (time limit, preemption) loses at most the batch in flight
+        samples = sample_resumable(model, tokenizer, prompts, partial_dir(layout, shard), f"pairs shard {shard}",
+                                   num_samples=k, max_new_tokens=cfg.pairs.max_new_tokens,
+                                   temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k, top_p=cfg.pairs.top_p,
+                                   batch_size=cfg.pairs.batch_size, seed=cfg.seed * 1000 + shard,
+                                   kv_cache=cfg.pairs.kv_cache, prompt_width=cfg.data.prompt_max_tokens,
+                                   progress=bar)
     del model
+    interrupt.check(None, f"pairs shard {shard}: every completion sampled and saved")
     reward = make_reward(cfg.reward, device)
     flat = [s for group in samples for s in group]
     with tqdm(total=len(flat), desc=f"pairs shard {shard}: scoring", mininterval=5) as bar:
@@ -77,7 +82,13 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
         completions.sort(key=lambda c: -c["reward"])
         rows.append({"prompt": prompt, "completions": completions})
     atomic_write_jsonl(out, rows)
+    shutil.rmtree(partial_dir(layout, shard), ignore_errors=True)
     return len(rows)
+
+
+def partial_dir(layout: RunLayout, shard: int) -> Path:
+    """Sampling batches of an unfinished shard, kept across a stop and requeue."""
+    return layout.pairs_shard(shard).with_suffix(".partial")
 
 
 def missing_shards(cfg: PipelineConfig, layout: RunLayout) -> list[int]:
