@@ -29,6 +29,18 @@ def test_gpt2_large_preset_matches_seed_report():
     assert cfg.slurm.dpo.gpus_per_node == 1
 
 
+def test_gpt2_large_preset_is_the_seeds_recipe_step_for_step():
+    """SFT: 8 reviews per optimizer step, one epoch over IMDb's 25,000 training reviews = 3,125 steps;
+    DPO: random batches of 8 pairs, one epoch over 6,000 pairs = 750 steps per beta (the seed's log)."""
+    cfg = resolve_config("gpt2-large")
+    imdb_train_reviews, pairs = 25_000, cfg.pairs.num_prompts * 6
+    for section, examples, steps in ((cfg.sft, imdb_train_reviews, 3125), (cfg.dpo, pairs, 750)):
+        per_step = section.batch_size * section.grad_accum * cfg.slurm.dpo.nodes * max(1, cfg.slurm.dpo.gpus_per_node)
+        assert per_step == 8 and examples * section.epochs / per_step == steps
+        assert not section.group_by_length  # random batches: which examples share a step is the recipe's
+    assert not cfg.sft.packing  # packed rows would make ~28 reviews a step and 897 steps
+
+
 def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     cfg = resolve_config("tiny", sets=["dpo.betas=[0.3]"])
     save_config(cfg, RunLayout(tmp_path))
