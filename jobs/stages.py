@@ -30,6 +30,27 @@ def run_stage(run_dir: str | Path, stage: str, task: Task = None):
     return get_stage(stage).execute(cfg, layout, task)
 
 
+# How a collective fails when a peer process is gone (gloo on CPUs, NCCL on GPUs, the TCP store).
+_PEER_LOST_TYPES = {"DistBackendError", "DistNetworkError", "DistStoreError"}
+_PEER_LOST_TEXT = ("connection reset by peer", "connection closed by peer", "broken pipe", "econnreset",
+                   "nccl communicator was aborted")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a collective that failed because another rank is gone."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ in _PEER_LOST_TYPES or any(t in str(error).lower() for t in _PEER_LOST_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 class StageJob:
     """The callable submitit pickles for each job / array task.
 
@@ -74,14 +95,31 @@ class StageJob:
         except interrupt.StageInterrupted as stop:
             job = environment.current_job()
             if stop.reason in (interrupt.TIMEOUT, interrupt.PREEMPTED) and job.in_slurm:
-                if job.restart_count >= self.max_requeues:
-                    raise RuntimeError(f"{self!r} gave up after {job.restart_count} requeues ({stop}); raise the "
-                                       "stage's slurm time or max_requeues, then `launch.py resume`") from None
+                self._check_budget(job, str(stop))
                 if job.global_rank == 0:
                     print(f"{self!r}: {stop}; requeueing job {job.job_id} "
                           f"(restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
                     environment.requeue(job.job_id)
             raise
+        except Exception as error:
+            job = environment.current_job()
+            if job.in_slurm and job.world_size > 1 and lost_a_peer(error):
+                # A rank died (its node lost power, it was killed): the job is not wrong, its allocation
+                # is. Requeue it (any rank that notices; the first request wins) to resume from the last
+                # complete checkpoint, instead of failing and cancelling everything behind it.
+                self._check_budget(job, f"lost a peer rank: {_first_line(error)}")
+                print(f"{self!r}: rank {job.global_rank} lost a peer ({_first_line(error)}); requeueing job "
+                      f"{job.job_id} (restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
+                try:
+                    environment.requeue(job.job_id)
+                except RuntimeError as already:  # another rank requeued it first
+                    print(f"{self!r}: {already}", flush=True)
+            raise
+
+    def _check_budget(self, job, why: str) -> None:
+        if job.restart_count >= self.max_requeues:
+            raise RuntimeError(f"{self!r} gave up after {job.restart_count} requeues ({why}); raise the stage's "
+                               "slurm time or max_requeues, then `launch.py resume`") from None
 
     def __repr__(self) -> str:
         return f"StageJob({get_stage(self.stage).label(self.task)} @ {self.run_dir})"

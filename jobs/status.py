@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,13 +45,25 @@ def _eta_s(progress: dict, state: str) -> float | None:
     return round(rate * (total - step), 1)
 
 
-def collect_rows(run_dir: str | Path) -> list[dict]:
+UNREACHABLE = "UNKNOWN (SLURM did not answer)"
+
+
+def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[dict]:
+    """One row per stage task. When SLURM does not answer (the controller restarting, say), the rows
+    still show what the run directory knows, and `notes` gets the reason."""
     layout = RunLayout(run_dir)
     cfg = load_run_config(layout.root)
     latest = records.latest(layout)
     submissions = records.attempts(layout)
     slurm_ids = [job_id for sub, job_id in latest.values() if sub.executor == "slurm"]
-    states = queue.query_jobs(slurm_ids) if slurm_ids else {}
+    try:
+        states = queue.query_jobs(slurm_ids) if slurm_ids else {}
+        unreachable = False
+    except RuntimeError as exc:
+        states, unreachable = {}, True
+        if notes is not None:
+            notes.append(f"SLURM did not answer, job states are unknown (progress below is from the run directory): "
+                         f"{' '.join(str(exc).split())[:400]}")
     rows = []
     for stage in STAGES:
         for task in stage.task_list(cfg):
@@ -64,7 +77,8 @@ def collect_rows(run_dir: str | Path) -> list[dict]:
             elif entry is not None and entry[0].executor == "local":
                 state = COMPLETED if done else ("RUNNING" if _pid_alive(job_id) else "FAILED")
             else:
-                state = COMPLETED if done else ("NOT_SUBMITTED" if entry is None else "UNKNOWN")
+                state = COMPLETED if done else ("NOT_SUBMITTED" if entry is None else
+                                                UNREACHABLE if unreachable else "UNKNOWN")
             progress = _progress(layout, stage, task, done)
             restarts = progress.get("restarts", [])
             rows.append({
@@ -125,7 +139,10 @@ def finished(rows: list[dict]) -> bool:
 
 def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0) -> int:
     while True:
-        rows = collect_rows(run_dir)
+        notes: list[str] = []
+        rows = collect_rows(run_dir, notes)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
         if as_json:
             print(json.dumps(rows, indent=2))
         else:
