@@ -163,6 +163,8 @@ def cancel_run(run_dir: str) -> int:
     slurm_ids = sorted({job_id for sub, job_id in latest.values() if sub.executor == "slurm"})
     states = queue.query_jobs(slurm_ids) if slurm_ids else {}
     active = [job_id for job_id in slurm_ids if states.get(job_id) and states[job_id].state in queue.ACTIVE_STATES]
+    for intent in records.unconfirmed(layout):  # submitted by a launch that died before recording them
+        active += queue.jobs_with_comment(records.comment_for(intent.intent))
     if active:
         queue.cancel_jobs(active)
     for sub, job_id in latest.values():

@@ -52,6 +52,7 @@ def test_a_launcher_killed_after_sbatch_submits_no_duplicate(slurm_cluster, tmp_
         queued = queued_jobs_named(name)
         pairs_ids = sorted(i for i, j in queued.items() if j["name"] == f"{name}-pairs")
         assert len(pairs_ids) == 2  # the job exists although its record does not
+        assert launch("status", "--run-dir", str(run_dir), "--json").returncode == 0  # an intent does not confuse it
 
         again = launch(*args[:-2], "--until", "pairs_merge", timeout=300)
         assert "pairs: found job" in again.stdout and "not submitting it again" in again.stdout
@@ -88,5 +89,21 @@ def test_two_launches_at_once_submit_one_sft_job(slurm_cluster, tmp_path):
             assert "is being launched by pid" in texts
         else:  # the second came after the first: it found the job queued
             assert codes == [0, 0] and "nothing to submit" in texts
+    finally:
+        cancel_and_drain(run_dir, name)
+
+
+def test_cancel_also_cancels_a_job_whose_record_was_lost(slurm_cluster, tmp_path):
+    name = unique_name("kc")
+    run_dir = tmp_path / "run"
+    try:
+        died = launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "slurm", "--set",
+                      f"name={name}", "--until", "pairs", check=False, timeout=300,
+                      env={"SLURM_DPO_FAULT_AFTER_SBATCH": "pairs"})
+        assert died.returncode == 70
+        assert {j["name"] for j in queued_jobs_named(name).values()} == {f"{name}-sft", f"{name}-pairs"}
+        out = launch("cancel", "--run-dir", str(run_dir), timeout=180).stdout
+        assert out.startswith("cancelled 3 job(s)"), out  # sft and the two pairs tasks
+        wait_for(lambda: not queued_jobs_named(name), 120, "every job of the run to leave the queue")
     finally:
         cancel_and_drain(run_dir, name)
