@@ -115,6 +115,11 @@ class StageJob:
                 except RuntimeError as already:  # another rank requeued it first
                     print(f"{self!r}: {already}", flush=True)
             raise
+        finally:
+            # The stage is over: a time-limit warning that comes now must not kill the process. Python
+            # restores SIGUSR2's default action (terminate) while the interpreter shuts down, so a late
+            # warning would end a finished job as FAILED (and cancel its afterok dependents).
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     def _check_budget(self, job, why: str) -> None:
         if job.restart_count >= self.max_requeues:

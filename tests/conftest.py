@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The project's real single-node SLURM cluster (started by slurm/cluster/start.sh when needed)."""
+    """The project's real SLURM cluster, three nodes on this host (started by slurm/cluster/start.sh when needed)."""
     import shutil
 
     def controller_up() -> bool:
@@ -55,7 +55,18 @@ def slurm_cluster():
         proc = subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "start.sh")], capture_output=True, text=True)
         if proc.returncode != 0 or not controller_up():
             raise RuntimeError(f"slurm/cluster/start.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    build_deepspeed_cpu_ops()
     return True
+
+
+def build_deepspeed_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU shared-memory collective (a JIT C++ extension, ~1 min) before any job
+    needs it: built inside a job, SLURM's USR2 time-limit warning, sent to every process of the
+    step, kills the compiler and the rank fails. Seconds when already built."""
+    proc = subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+                           "ShareMemCommBuilder().load()"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building DeepSpeed's CPU shm op failed:\n{proc.stderr[-3000:]}")
 
 
 def clone_before_dpo(tiny_run: Path, dst: Path, stages=("data", "sft", "pairs"), **config_changes) -> Path:

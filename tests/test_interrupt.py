@@ -84,3 +84,35 @@ def test_finish_or_raise_raises_only_for_a_stop_before_the_last_step(tmp_path):
                                                                                                  "timeout", 40)
     interrupt.clear()
     finish_or_raise(trainer, progress)  # no stop: nothing to do
+
+
+def test_a_finished_stage_ignores_a_late_time_limit_warning(monkeypatch):
+    """SLURM's USR2 warning can arrive while a finished job's interpreter shuts down, when Python has
+    put back USR2's default action (terminate): the job would end FAILED after writing DONE.json.
+    Once the stage is over (done or not), the job callable ignores USR2."""
+    import signal
+
+    import pytest
+
+    from jobs import stages
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        for outcome in ("done", "error"):
+            def fake_stage(run_dir, stage, task, outcome=outcome):
+                assert signal.getsignal(signal.SIGUSR2) not in (signal.SIG_IGN, signal.SIG_DFL)  # handled while it runs
+                if outcome == "error":
+                    raise RuntimeError("the stage failed")
+                return {"done": True}
+
+            monkeypatch.setattr(stages, "run_stage", fake_stage)
+            job = stages.StageJob("/tmp/unused-run", "eval")
+            if outcome == "error":
+                with pytest.raises(RuntimeError, match="the stage failed"):
+                    job()
+            else:
+                assert job() == {"done": True}
+            assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
