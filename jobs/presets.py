@@ -33,6 +33,25 @@ GPT2_LARGE = {
               "dpo": {**GPU_JOB, "time": "04:00:00"}, "eval": {**GPU_JOB, "time": "04:00:00"}},
 }
 
+# The DPO paper's IMDb experiment (Rafailov et al. 2023, arXiv:2305.18290).
+# Appendix C.1 (data): prompts are IMDb prefixes of 2-8 tokens; gpt2-large is the base model, SFT for one
+# epoch on IMDb; siebert/sentiment-roberta-large-english is the ground-truth reward; 4 completions are
+# sampled for each of 25,000 prefixes and all 6 pairs of each are kept (150,000 pairs).
+# Appendix B (optimiser): RMSprop, learning rate 1e-6 warmed up linearly from 0 over 150 steps, batch 64;
+# beta = 0.1 by default, and section 6.1 sweeps beta over {0.05, 0.1, 1, 5} for the reward-KL frontier.
+# Not given by the paper, chosen here: the 25,100 distinct pair and eval prefixes are cut from IMDb's
+# 50,000-review `unsupervised` split (its test split has too few distinct 2-8 token prefixes once
+# deduplicated), SFT keeps the seed's optimiser settings (Appendix B is about DPO), one DPO epoch,
+# a checkpoint every 250 steps for the frontier. 64 pairs per step = batch_size x grad_accum x GPUs.
+DPO_PAPER = deep_merge(deep_merge({}, GPT2_LARGE), {
+    "name": "dpo-paper-imdb",
+    "data": {"prompt_split": "unsupervised", "prompt_min_tokens": 2, "prompt_max_tokens": 8},
+    "pairs": {"num_prompts": 25_000, "completions_per_prompt": 4, "num_shards": 25},
+    "dpo": {"betas": [0.05, 0.1, 1.0, 5.0], "optimizer": "rmsprop", "learning_rate": 1e-6, "lr_scheduler": "constant_with_warmup",
+            "warmup_steps": 150, "batch_size": 16, "grad_accum": 4, "epochs": 1.0, "save_steps": 250},
+    "slurm": {"dpo": {"time": "12:00:00"}},
+})
+
 # CPU-sized: the same stages on a generated corpus, a 2-layer GPT-2 and VADER; minutes on 2 cores.
 # The speed paths are on here too, so the tests run them end to end.
 TINY = {
@@ -53,8 +72,9 @@ TINY = {
               for section in ("sft", "pairs", "dpo", "eval")},
 }
 
-PRESETS = {"tiny": TINY, "gpt2-large": GPT2_LARGE}
-PRESET_HELP = {"tiny": "CPU, minutes, offline", "gpt2-large": "the seed experiment"}
+PRESETS = {"tiny": TINY, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
+PRESET_HELP = {"tiny": "CPU, minutes, offline", "gpt2-large": "the seed experiment",
+               "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 
 def preset_layers(name: str, with_slurm: bool = True) -> dict:

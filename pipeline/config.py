@@ -18,6 +18,8 @@ KV_CACHES = ("dynamic", "static")
 # an eval metric these stages do not compute.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+# transformers' OptimizerNames that need nothing beyond torch (a test keeps them in step).
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop")
 # TRL DPOTrainer's pairwise losses (`DPOConfig.loss_type`; a test builds a DPOConfig with each).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -105,7 +107,10 @@ class TrainConfig:
     epochs: float = doc("Training epochs over the stage's data.", 1.0)
     learning_rate: float = doc("Peak learning rate (seed: 2e-5).", 2e-5)
     lr_scheduler: str = doc("transformers scheduler name (linear, cosine, constant, ...).", "linear")
-    warmup_ratio: float = doc("Fraction of steps used for linear warm-up.", 0.0)
+    warmup_ratio: float = doc("Fraction of steps used for linear warm-up (ignored when warmup_steps > 0).", 0.0)
+    warmup_steps: int = doc("Optimizer steps of linear warm-up; > 0 overrides warmup_ratio (DPO paper: 150).", 0)
+    optimizer: str = doc("transformers optimizer name: adamw_torch_fused (the Trainer's default, the seed's), "
+                         "adamw_torch, rmsprop (DPO paper), sgd, adafactor, ...", "adamw_torch_fused")
     batch_size: int = doc("Per-device batch size (sequences for SFT, pairs for DPO).", 8)
     grad_accum: int = doc("Gradient accumulation steps.", 1)
     max_length: int = doc("Truncation length in tokens (prompt + completion for DPO).", 1024)
@@ -128,6 +133,9 @@ class TrainConfig:
         _check(self.epochs > 0, f"{section}.epochs", "must be > 0")
         _check(self.learning_rate > 0, f"{section}.learning_rate", "must be > 0, e.g. 2e-5")
         _check(0 <= self.warmup_ratio < 1, f"{section}.warmup_ratio", "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, f"{section}.warmup_steps", "must be >= 0 (0 = use warmup_ratio)")
+        _check(self.optimizer in OPTIMIZERS, f"{section}.optimizer",
+               f"{self.optimizer!r} is not a transformers optimizer; choose one of {', '.join(OPTIMIZERS)}")
         _check(self.lr_scheduler in LR_SCHEDULERS, f"{section}.lr_scheduler",
                f"{self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
         for field in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps", "keep_last"):

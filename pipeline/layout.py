@@ -166,6 +166,10 @@ class RunLayout:
     def progress_path(self, directory: str, task=None) -> Path:
         return self.stage_dir(directory, task) / "progress.json"
 
+    def metrics_log(self, directory: str, task=None) -> Path:
+        """The trainer's logged metrics, one JSON line per log record (see `pipeline.metrics_log`)."""
+        return self.stage_dir(directory, task) / "metrics.jsonl"
+
     def checkpoints_dir(self, directory: str, task=None) -> Path:
         return self.stage_dir(directory, task) / "checkpoints"
 

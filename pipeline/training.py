@@ -16,6 +16,7 @@ from pipeline import distributed, interrupt
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, atomic_replace_dir, atomic_write_json, read_json, write_manifest
+from pipeline.metrics_log import MetricsLog
 from pipeline.progress import ProgressFile
 
 COMPLETE = "COMPLETE.json"  # written into checkpoint-N/ only after the Trainer finished saving it
@@ -78,13 +79,15 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_weights: Calla
 
 
 class CheckpointAndProgress(TrainerCallback):
-    """Marks saved checkpoints complete, prunes old ones, keeps the progress file current, and turns
-    a stop request (set by a signal handler) into a save at the current step followed by a stop.
+    """Marks saved checkpoints complete, prunes old ones, keeps the progress file current, appends
+    every log record to the stage's metrics log (if given), and turns a stop request (set by a signal
+    handler) into a save at the current step followed by a stop.
     """
 
     def __init__(self, progress: ProgressFile, keep_last: int, keep_weights: Callable[[int], bool] | None,
-                 zero_stage: int = 0):
+                 zero_stage: int = 0, metrics_log: MetricsLog | None = None):
         self.progress = progress
+        self.metrics_log = metrics_log
         self.zero_stage = zero_stage
         self.keep_last = keep_last
         self.keep_weights = keep_weights
@@ -92,6 +95,9 @@ class CheckpointAndProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.progress.update(force=True, step=state.global_step, total_steps=state.max_steps)
+        if self.metrics_log is not None and state.is_world_process_zero:
+            # this attempt logs every step after the one it resumed from again: one curve, not two
+            self.metrics_log.keep_through_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -106,6 +112,8 @@ class CheckpointAndProgress(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         distributed.barrier()  # every rank has written its shard before the checkpoint counts
         if state.is_world_process_zero and path.is_dir():
+            if self.metrics_log is not None:
+                self.metrics_log.sync()  # the log reaches the step a resume continues from
             reason = interrupt.stop_reason() or "periodic"
             save_s = round(time.monotonic() - self._step_ended, 2)
             atomic_write_json(path / COMPLETE, {"step": state.global_step, "reason": reason,
@@ -119,6 +127,8 @@ class CheckpointAndProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
             self.progress.update(last_metrics={k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            if self.metrics_log is not None:
+                self.metrics_log.append(state.global_step, logs)
 
 
 def finish_or_raise(trainer, progress: ProgressFile) -> None:
@@ -226,7 +236,9 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,
+        # transformers reads a warmup_steps below 1 as a fraction of the steps (its warmup_ratio)
+        warmup_steps=train.warmup_steps or train.warmup_ratio,
+        optim=train.optimizer,
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
         max_length=train.max_length,
@@ -328,7 +340,8 @@ def run_training_stage(cfg: PipelineConfig, layout: RunLayout, *, directory: str
     universal = bool(resume and resume.universal)
     progress = ProgressFile(layout.progress_path(directory, task), enabled=world.is_main)
     progress.start(resume.step if resume else None, world_size=world.size, universal_checkpoint=universal)
-    callback = CheckpointAndProgress(progress, train.keep_last, keep_weights, cfg.distributed.zero_stage)
+    callback = CheckpointAndProgress(progress, train.keep_last, keep_weights, cfg.distributed.zero_stage,
+                                     metrics_log=MetricsLog(layout.metrics_log(directory, task)))
     built = build(TrainingSetup(device, dtype, world,
                                 trainer_kwargs(cfg, train, checkpoints, device, dtype, report_to, universal),
                                 [callback]))

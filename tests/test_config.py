@@ -1,4 +1,6 @@
 """Config layering and validation: every bad input names the field and leaves nothing on disk."""
+import math
+
 import pytest
 import yaml
 
@@ -86,13 +88,17 @@ def test_bad_values_name_the_field(sets, field, fix):
 
 
 def test_valid_choices_follow_the_libraries():
-    """The accepted schedulers and DPO losses are the ones transformers and TRL take."""
+    """The accepted schedulers, optimizers and DPO losses are the ones transformers and TRL take."""
     from transformers import SchedulerType
+    from transformers.training_args import OptimizerNames
     from trl import DPOConfig as TRLDPOConfig
 
-    from pipeline.config import DPO_LOSS_TYPES, LR_SCHEDULERS
+    from pipeline.config import DPO_LOSS_TYPES, LR_SCHEDULERS, OPTIMIZERS
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType} - {"reduce_lr_on_plateau"}
+    assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
+    with pytest.raises(ValueError, match=r"dpo.optimizer: 'rms' is not a transformers optimizer; choose one of .*rmsprop"):
+        resolve_config("tiny", sets=["dpo.optimizer=rms"])
     for loss in DPO_LOSS_TYPES:
         TRLDPOConfig(output_dir="/tmp/unused", loss_type=[loss], use_cpu=True, report_to=[])
     for loss in ("ipo", "robust", "hinge"):
@@ -112,7 +118,7 @@ def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path):
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown preset; choose one of gpt2-large, tiny"):
+    with pytest.raises(ValueError, match="unknown preset; choose one of dpo-paper, gpt2-large, tiny"):
         resolve_config("gpt2-xxl")
 
 
@@ -150,3 +156,59 @@ def test_relaunch_with_changed_config_is_refused(tmp_path):
     proc = launch("run", "--run-dir", str(tmp_path), "--set", "dpo.learning_rate=0.5", "--executor", "local",
                   "--dry-run", check=False)
     assert proc.returncode == 2 and "dpo.learning_rate" in proc.stderr and "new --run-dir" in proc.stderr
+    assert load_run_config(tmp_path) == cfg
+
+
+def test_resume_may_change_slurm_resources_only(tmp_path):
+    """After a node failure a run continues on fewer nodes: slurm.* may change on a relaunch."""
+    from jobs.launcher import prepare_run
+
+    cfg = resolve_config("tiny", sets=["slurm.dpo.nodes=2"])
+    save_config(cfg, RunLayout(tmp_path))
+    said = []
+    changed, _, save = prepare_run(tmp_path, None, None, ["slurm.dpo.nodes=1", "slurm.dpo.time=45"], log=said.append)
+    assert save and (changed.slurm.dpo.nodes, changed.slurm.dpo.time) == (1, "45") and changed.dpo == cfg.dpo
+    assert said == ["slurm resources changed for the jobs submitted from now on: slurm.dpo.nodes, slurm.dpo.time"]
+    assert prepare_run(tmp_path, None, None, [])[2] is False  # nothing changed: nothing to save
+    proc = launch("resume", "--run-dir", str(tmp_path), "--set", "dpo.betas=[0.3]", check=False)
+    assert proc.returncode == 2 and "only slurm.* resources may change" in proc.stderr
+    assert load_run_config(tmp_path) == cfg
+
+
+def test_dpo_paper_preset_is_the_papers_imdb_recipe():
+    """Appendix C.1: 2-8 token IMDb prefixes, 4 completions for 25,000 of them, all 6 pairs each;
+    Appendix B: RMSprop, lr 1e-6 warmed up over 150 steps, 64 pairs per step; beta 0.1 in the sweep."""
+    cfg = resolve_config("dpo-paper")
+    assert (cfg.model.name, cfg.data.dataset, cfg.reward.kind, cfg.reward.model) == (
+        "gpt2-large", "stanfordnlp/imdb", "classifier", "siebert/sentiment-roberta-large-english")
+    assert (cfg.data.prompt_min_tokens, cfg.data.prompt_max_tokens) == (2, 8)
+    k = cfg.pairs.completions_per_prompt
+    pairs = cfg.pairs.num_prompts * k * (k - 1) // 2
+    assert (cfg.pairs.num_prompts, k, pairs) == (25_000, 4, 150_000)
+    per_step = cfg.dpo.batch_size * cfg.dpo.grad_accum * cfg.slurm.dpo.nodes * max(1, cfg.slurm.dpo.gpus_per_node)
+    assert per_step == 64 and math.ceil(pairs * cfg.dpo.epochs / per_step) == 2344
+    assert (cfg.dpo.optimizer, cfg.dpo.learning_rate, cfg.dpo.warmup_steps) == ("rmsprop", 1e-6, 150)
+    assert 0.1 in cfg.dpo.betas and cfg.dpo.loss_type == "sigmoid" and not cfg.dpo.group_by_length
+    assert cfg.sft.epochs == 1.0 and not cfg.sft.packing
+
+
+def test_optimizer_and_warmup_steps_reach_the_trainer(tmp_path):
+    """dpo-paper's optimiser as the Trainer builds it: RMSprop, lr rising linearly 0 -> 1e-6 over 150 steps."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+    from trl import DPOConfig as TRLDPOConfig
+
+    from pipeline.training import trainer_kwargs
+
+    cfg = resolve_config("dpo-paper", sets=["device=cpu", "distributed.zero_stage=0"])
+    args = TRLDPOConfig(**trainer_kwargs(cfg, cfg.dpo, tmp_path, torch.device("cpu"), torch.float32, []))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+    trainer = Trainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2344)
+    assert isinstance(trainer.optimizer, torch.optim.RMSprop)
+    lr_at = []
+    for step in range(301):
+        lr_at.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lr_at[0] == 0 and lr_at[75] == pytest.approx(0.5e-6) and lr_at[150] == lr_at[300] == pytest.approx(1e-6)

@@ -18,9 +18,14 @@ def test_run_leaves_the_frontier_plot_and_report(tiny_run):
     for name in ("frontier.csv", "frontier.png", "report.md", "DONE.json"):
         assert (tiny_run / "eval" / name).is_file(), name
     rows = frontier(tiny_run)
-    assert list(rows[0]) == ["policy", "beta", "step", "reward", "kl", "n"]
+    assert list(rows[0]) == ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr"]
+    assert all(float(r["reward_stderr"]) >= 0 and float(r["kl_stderr"]) >= 0 for r in rows)
     sft = [r for r in rows if r["policy"] == "sft"]
-    assert len(sft) == 1 and float(sft[0]["kl"]) == 0.0
+    # the noise floor, KL(sampler || scorer) of the SFT model: measured, and tiny in float32 (the
+    # sampler's KV-cache arithmetic and the scorer's full forward pass agree to ~1e-6 per sequence)
+    assert len(sft) == 1 and sft[0]["kl"] != "nan" and abs(float(sft[0]["kl"])) < 1e-3
+    dpo_kls = [float(r["kl"]) for r in rows if r["policy"] == "dpo" and int(r["step"]) >= 50]
+    assert min(dpo_kls) > 100 * abs(float(sft[0]["kl"]))  # trained policies stand clear of the floor
     dpo_steps = {}
     for r in rows:
         if r["policy"] == "dpo":
@@ -33,6 +38,13 @@ def test_run_leaves_the_frontier_plot_and_report(tiny_run):
     for prompt in ("I love", "Worth the entertainment value of a", "its a"):
         assert f"**Prompt:** “{prompt}”" in report
     assert report.count("### DPO β") == 3
+    # training curves from the run directory's own logs, embedded as PNGs next to the report
+    for png in ("sft_loss.png", "dpo_curves.png"):
+        assert f"]({png})" in report and (tiny_run / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for arm in ("beta-0.05", "beta-0.1", "beta-1.0"):
+        logged = [json.loads(line) for line in (tiny_run / "dpo" / arm / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in logged if "rewards/margins" in r]
+        assert steps == sorted(set(steps)) and steps[-1] >= 70  # one record per step, up to the last
 
 
 def test_dpo_raises_reward_and_kl_falls_with_beta(tiny_run):

@@ -2,7 +2,16 @@
 
 For each policy: sample `samples_per_prompt` completions per eval prompt, score them, and estimate
 KL(pi || pi_ref) = E_{y~pi}[sum_t log pi(y_t|.) - log pi_ref(y_t|.)] with pi_ref = the SFT model.
-Each policy's result is its own file, so a restarted eval resumes per checkpoint.
+
+The SFT row's KL is the noise floor of that measurement, measured: the sampler records the
+log-probability q(y) of each completion under the distribution it drew from (KV-cache decoding in
+the model's dtype, e.g. bf16 logits; `Sample.sampler_logp`), the scorer computes log pi_sft(y)
+(full forward, float32 head), and E_{y~q}[log q(y) - log pi_sft(y)] estimates KL(q || pi_sft): 0
+only if sampling and scoring compute the same distribution. (Scoring the SFT model against itself
+would be 0 by construction.) Each DPO result also stores its own sampler mismatch
+(`sampler_mismatch`, same estimator). A result whose samples were restored from partial files
+written before `sampler_logp` existed gets NaN there (report: "not measured"). Reward and KL carry
+standard errors. Each policy's result is its own file, so a restarted eval resumes per checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from pipeline.layout import RunLayout, atomic_write_json, atomic_write_text, rea
 from pipeline.progress import ProgressFile
 from pipeline.registry import dpo_arms
 
-FRONTIER_COLUMNS = ["policy", "beta", "step", "reward", "kl", "n"]
+FRONTIER_COLUMNS = ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr"]
 
 
 @dataclass
@@ -51,6 +60,38 @@ def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
     return policies
 
 
+def stderr_from_population_std(std: float, n: int) -> float:
+    """Standard error of a mean from the population std (divisor n) of its n values: the sample std
+    (divisor n - 1, as torch.std for the KL) over sqrt(n)."""
+    return std / math.sqrt(n - 1) if n > 1 else 0.0
+
+
+def reward_stderr(result: dict) -> float:
+    """A result's reward standard error; results cached before it was stored derive it from reward_std and n."""
+    if "reward_stderr" in result:
+        return result["reward_stderr"]
+    return stderr_from_population_std(result["reward_std"], result["n"])
+
+
+def mean_and_stderr(values) -> tuple[float, float]:
+    """Mean and its standard error (sample std over sqrt(n)) of a 1-d float tensor."""
+    n = len(values)
+    return float(values.mean()), float(values.std() / math.sqrt(n)) if n > 1 else 0.0
+
+
+def sampler_mismatch(samples, scored_logp) -> tuple[float, float]:
+    """Estimate of KL(q || pi) and its standard error, q the distribution the sampler drew `samples`
+    from, pi the scored model: the mean of sampler_logp - scored log pi(y) (the samples are from q).
+    NaN if any sample has no sampler_logp (restored from a partial file written before it was
+    recorded): a mean over the rest would cover only some prompts."""
+    import torch
+
+    recorded = [s.sampler_logp for s in samples]
+    if not samples or any(v is None for v in recorded):
+        return math.nan, math.nan
+    return mean_and_stderr(torch.tensor(recorded, dtype=torch.float64) - scored_logp)
+
+
 def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, tokenizer, reward, prompts: list[str],
                     partial_dir: Path) -> dict:
     from pipeline.reward import score_in_batches
@@ -64,23 +105,27 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
                               kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
     rewards = score_in_batches(reward, [s.text for s in flat], cfg.reward.batch_size)
-    if ref_model is None:  # the SFT policy is its own reference
-        kl = kl_tokenwise = kl_stderr = 0.0
+    is_reference = policy.kind == "sft"  # the SFT model is the reference: scored once
+    lp = completion_logprobs(model, flat, tokenizer.pad_token_id, temperature=ev.temperature,
+                             batch_size=ev.logprob_batch_size, ref_model=None if is_reference else ref_model)
+    mismatch, mismatch_stderr = sampler_mismatch(flat, lp["logp"])
+    if is_reference:  # the noise floor: KL(sampler || scorer) of the reference itself (module docstring)
+        kl, kl_stderr = mismatch, mismatch_stderr
+        kl_tokenwise = None  # KL(pi_sft || pi_sft) per step is 0 by definition; nothing to measure
     else:
-        lp = completion_logprobs(model, flat, tokenizer.pad_token_id, temperature=ev.temperature,
-                                 batch_size=ev.logprob_batch_size, ref_model=ref_model)
-        diff = lp["logp"] - lp["ref_logp"]
         kl = sequence_kl(lp["logp"], lp["ref_logp"])
-        kl_stderr = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        kl_stderr = mean_and_stderr(lp["logp"] - lp["ref_logp"])[1]
         kl_tokenwise = float(lp["kl_tokenwise"].mean())
     n = len(flat)
     mean_reward = sum(rewards) / n
+    reward_std = (sum((r - mean_reward) ** 2 for r in rewards) / n) ** 0.5
     fixed = set(cfg.eval.fixed_prompts)
     examples = [{"prompt": g[0].prompt, "completion": g[0].completion, "reward": rewards[i * ev.samples_per_prompt]}
                 for i, g in enumerate(groups) if g[0].prompt in fixed]
     return {"policy": policy.kind, "id": policy.id, "beta": policy.beta, "step": policy.step, "reward": mean_reward,
-            "reward_std": (sum((r - mean_reward) ** 2 for r in rewards) / n) ** 0.5, "kl": kl,
-            "kl_stderr": kl_stderr, "kl_tokenwise": kl_tokenwise, "n": n,
+            "reward_std": reward_std, "reward_stderr": stderr_from_population_std(reward_std, n), "kl": kl,
+            "kl_stderr": kl_stderr, "kl_tokenwise": kl_tokenwise, "sampler_mismatch": mismatch,
+            "sampler_mismatch_stderr": mismatch_stderr, "n": n,
             "mean_completion_tokens": sum(len(s.completion_ids) for s in flat) / n, "examples": examples}
 
 
@@ -90,7 +135,7 @@ def frontier_csv(results: list[dict]) -> str:
     writer.writerow(FRONTIER_COLUMNS)
     for r in results:
         writer.writerow([r["policy"], "" if r["beta"] is None else r["beta"], r["step"], f"{r['reward']:.6f}",
-                         f"{r['kl']:.6f}", r["n"]])
+                         f"{r['kl']:.6f}", r["n"], f"{reward_stderr(r):.6f}", f"{r['kl_stderr']:.6f}"])
     return buffer.getvalue()
 
 
@@ -100,15 +145,23 @@ def plot_frontier(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def errorbar(points: list[dict], fmt: str, **style) -> None:  # bars: ±1 standard error
+        ax.errorbar([r["kl"] for r in points], [r["reward"] for r in points],
+                    xerr=[r["kl_stderr"] for r in points], yerr=[reward_stderr(r) for r in points],
+                    fmt=fmt, capsize=2, elinewidth=0.8, **style)
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for beta in sorted({r["beta"] for r in results if r["policy"] == "dpo"}):
-        points = sorted((r for r in results if r["beta"] == beta), key=lambda r: r["step"])
-        ax.plot([r["kl"] for r in points], [r["reward"] for r in points], "o-", ms=4, label=f"DPO β={beta:g}")
+        errorbar(sorted((r for r in results if r["beta"] == beta), key=lambda r: r["step"]), "o-", ms=4,
+                 label=f"DPO β={beta:g}")
     sft = next(r for r in results if r["policy"] == "sft")
-    ax.plot([sft["kl"]], [sft["reward"]], "k*", ms=14, label="SFT (reference)")
+    if math.isnan(sft["kl"]):  # restored samples without sampler log-probs: drawn at 0, hollow
+        ax.plot([0.0], [sft["reward"]], "k*", ms=14, mfc="none", label="SFT (reference; noise floor not measured)")
+    else:
+        errorbar([sft], "k*", ms=14, label="SFT (reference; KL = noise floor: sampler ‖ scorer)")
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence")
     ax.set_ylabel("mean sentiment reward P(positive)")
-    ax.set_title("Reward vs KL: SFT and every DPO checkpoint")
+    ax.set_title("Reward vs KL: SFT and every DPO checkpoint (±1 s.e.)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -118,7 +171,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def report_markdown(cfg: PipelineConfig, results: list[dict]) -> str:
+def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: list[tuple[str, str]] = ()) -> str:
     lines = [f"# DPO reward vs KL — run `{cfg.name}`", "",
              f"Model `{cfg.model.name}`, reward `{cfg.reward.kind}`, {results[0]['n']} samples per policy "
              f"({cfg.eval.num_prompts} prompts × {cfg.eval.samples_per_prompt}).", "",
@@ -126,8 +179,28 @@ def report_markdown(cfg: PipelineConfig, results: list[dict]) -> str:
              "| policy | β | step | reward | KL | n |", "|---|---|---|---|---|---|"]
     for r in results:
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
-        lines.append(f"| {r['policy']} | {beta} | {r['step']} | {r['reward']:.3f} | {r['kl']:.2f} | {r['n']} |")
-    lines += ["", "## Sample generations", ""]
+        kl = "n/a" if math.isnan(r["kl"]) else f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}"
+        lines.append(f"| {r['policy']} | {beta} | {r['step']} | {r['reward']:.3f} ± {reward_stderr(r):.3f} "
+                     f"| {kl} | {r['n']} |")
+    sft = next(r for r in results if r["policy"] == "sft")
+    what = ("the SFT row's KL is the noise floor of the KL measurement: for each SFT completion, the sampler's "
+            "own log-probability of it (KV-cache decoding in the model's dtype, as every row is sampled) minus the "
+            "SFT model's score of it (full forward, float32 head, as every row is scored), averaged: an estimate of "
+            "KL(sampler ‖ scorer), 0 only if the two compute the same distribution")
+    if math.isnan(sft["kl"]):
+        floor = (f"**Noise floor**: not measured (n/a): {what}, and these SFT samples were restored from partial "
+                 "files written before the sampler's log-probabilities were recorded. Delete the SFT result "
+                 "(eval/policies/sft.json) and rerun eval to measure it.")
+    else:
+        floor = (f"**Noise floor**: {what}; here {sft['kl']:.2g} ± {sft['kl_stderr']:.2g} nats. A DPO KL that is "
+                 "not clearly above it does not tell the policy apart from the reference.")
+    lines += ["", f"± is one standard error over the samples. {floor}", ""]
+    if training_curves:
+        lines += ["## Training curves", "",
+                  "From the trainer logs kept in the run directory (`sft/metrics.jsonl`, `dpo/<arm>/metrics.jsonl`).", ""]
+        for title, png in training_curves:
+            lines += [f"### {title}", "", f"![{title}]({png})", ""]
+    lines += ["## Sample generations", ""]
     finals = [r for r in results if r["policy"] == "sft"]
     for beta in sorted({r["beta"] for r in results if r["policy"] == "dpo"}):
         finals.append(max((r for r in results if r["beta"] == beta), key=lambda r: r["step"]))
@@ -176,8 +249,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
                     load_weights_into(policy_model, policy.path)
                     model = policy_model
                 partial = out.with_suffix(".partial")
-                result = evaluate_policy(cfg, policy, model, None if policy.kind == "sft" else ref_model,
-                                         tokenizer, reward, prompts, partial)
+                result = evaluate_policy(cfg, policy, model, ref_model, tokenizer, reward, prompts, partial)
                 atomic_write_json(out, result)
                 shutil.rmtree(partial, ignore_errors=True)
             results.append(result)
@@ -187,11 +259,13 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         raise
     atomic_write_text(layout.frontier_csv, frontier_csv(results))
     plot_frontier(results, layout.frontier_png)
-    atomic_write_text(layout.report, report_markdown(cfg, results))
+    from pipeline.curves import draw_training_curves
+
+    atomic_write_text(layout.report, report_markdown(cfg, results, draw_training_curves(cfg, layout)))
     sft = results[0]
     finals = {arm.tag: max((r for r in results if r["beta"] == arm.beta), key=lambda r: r["step"])
               for arm in dpo_arms(cfg)}
-    metrics = {"sft/reward": sft["reward"],
+    metrics = {"sft/reward": sft["reward"], "sft/kl_noise_floor": sft["kl"],
                **{f"dpo/{tag}/reward": r["reward"] for tag, r in finals.items()},
                **{f"dpo/{tag}/kl": r["kl"] for tag, r in finals.items()},
                "policies": len(results)}
