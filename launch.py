@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_arg(resume, required=True)
     resume.add_argument("--executor", default="auto", choices=["auto", "slurm", "local"], help="as for run")
     resume.add_argument("--until", metavar="STAGE", help="as for run")
+    resume.add_argument("--set", dest="sets", action="append", default=[], metavar="slurm.STAGE.KEY=VALUE",
+                        help="change a SLURM resource for the jobs submitted from now on, e.g. "
+                             "--set slurm.dpo.nodes=1 after a node failure (the ML config stays the run's)")
 
     status = sub.add_parser("status", help="one row per stage / array task: state, step, restarts, ETA")
     _run_dir_arg(status, required=True)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "prefetch":
                 return prefetch_only(run_dir, args.preset, args.config, args.sets)
             if args.command == "resume":
-                return launch(run_dir, None, None, [], args.executor, until=args.until)
+                return launch(run_dir, None, None, args.sets, args.executor, until=args.until)
             return launch(run_dir, args.preset, args.config, args.sets, args.executor, dry_run=args.dry_run,
                           until=args.until)
         if args.command == "status":

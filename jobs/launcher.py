@@ -55,11 +55,14 @@ def check_executor_fits(requested: str, kind: str, cfg: ExperimentConfig) -> Non
 
 
 def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None,
-                sets: list[str]) -> tuple[ExperimentConfig, RunLayout, bool]:
+                sets: list[str], log=print) -> tuple[ExperimentConfig, RunLayout, bool]:
     """Resolve the config of a new run, or load (and check) the stored config of an existing one.
 
-    Writes nothing (the caller saves a new run's config once every check passed, so a bad value
-    leaves no run directory). Returns (config, layout, whether the run is new).
+    An existing run keeps its ML config; its SLURM resources may change on a relaunch (more time,
+    fewer nodes after a failure, another partition): they apply to the jobs submitted from then on.
+    Writes nothing (the caller saves the config once every check passed, so a bad value leaves no
+    run directory). Returns (config, layout, whether the config is to be saved: a new run or
+    changed resources).
     """
     layout = RunLayout(run_dir)
     if layout.config.is_file():
@@ -68,10 +71,15 @@ def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None
             base = None if preset or config_file else dataclasses.asdict(cfg)
             wanted = resolve_config(preset, config_file, sets, base=base)
             changed = config_differences(cfg, wanted)
-            if changed:
+            fixed = [key for key in changed if not key.startswith("slurm.")]
+            if fixed:
                 raise ValueError(f"{layout.config} already holds this run's config and the new options change "
-                                 f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}; relaunch with no "
-                                 "config options to continue the run, or use a new --run-dir")
+                                 f"{', '.join(fixed[:8])}{' ...' if len(fixed) > 8 else ''}; only slurm.* "
+                                 "resources may change on a relaunch: relaunch without the other options to "
+                                 "continue the run, or use a new --run-dir")
+            if changed:
+                log(f"slurm resources changed for the jobs submitted from now on: {', '.join(changed)}")
+                return wanted, layout, True
         return cfg, layout, False
     if preset is None and config_file is None:
         raise ValueError(f"{layout.root} is not a run directory yet: give --preset ({', '.join(PRESETS)}) "
@@ -301,19 +309,21 @@ def launch(run_dir: str | Path, preset: str | None, config_file: str | None, set
            dry_run: bool = False, until: str | None = None, log=print) -> int:
     kind = choose_executor(executor)
     stages_until(until)  # validate before anything is written
-    cfg, layout, new = prepare_run(run_dir, preset, config_file, sets)
+    cfg, layout, save = prepare_run(run_dir, preset, config_file, sets, log=log)
     check_executor_fits(executor, kind, cfg)
     if dry_run:
         planned, _ = plan_slurm(cfg, layout, until=until)
         log(render_plan(cfg, layout, planned) if planned else "nothing to submit")
         return 0
     existed = layout.root.exists()
+    new = not layout.config.is_file()
     prefetch(cfg, layout, log)
     with run_lock(layout):
         if new and layout.config.is_file():  # another launch made this run while we prepared: check against it
-            cfg, layout, new = prepare_run(run_dir, preset, config_file, sets)
+            cfg, layout, save = prepare_run(run_dir, preset, config_file, sets, log=log)
+            new = False
         try:
-            if new:
+            if save:
                 save_config(cfg, layout)
             log(f"run directory: {layout.root} (executor: {kind})")
             if kind == "local":
@@ -332,7 +342,7 @@ def launch(run_dir: str | Path, preset: str | None, config_file: str | None, set
 def prefetch_only(run_dir: str | Path, preset: str | None, config_file: str | None, sets: list[str],
                   log=print) -> int:
     """`launch.py prefetch`: what `run` does before submitting, alone (the config is not stored)."""
-    cfg, layout, _ = prepare_run(run_dir, preset, config_file, sets)
+    cfg, layout, _ = prepare_run(run_dir, preset, config_file, sets, log=log)
     fetched = prefetch(cfg, layout, log)
     log(f"prefetched {len(fetched)} hub reference(s); revisions recorded in {layout.hub_revisions}"
         if fetched else "nothing to prefetch: the config names no hub model or dataset")

@@ -105,21 +105,39 @@ class StageJob:
             job = environment.current_job()
             if job.in_slurm and job.world_size > 1 and lost_a_peer(error):
                 # A rank died (its node lost power, it was killed): the job is not wrong, its allocation
-                # is. Requeue it (any rank that notices; the first request wins) to resume from the last
-                # complete checkpoint, instead of failing and cancelling everything behind it.
+                # is. It must not end as an ordinary failure (that cancels everything behind it): it
+                # resumes from the last complete checkpoint, with no command from the user.
                 self._check_budget(job, f"lost a peer rank: {_first_line(error)}")
-                print(f"{self!r}: rank {job.global_rank} lost a peer ({_first_line(error)}); requeueing job "
-                      f"{job.job_id} (restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
-                try:
-                    environment.requeue(job.job_id)
-                except RuntimeError as already:  # another rank requeued it first
-                    print(f"{self!r}: {already}", flush=True)
+                self._recover_from_lost_peer(job, error)
             raise
         finally:
             # The stage is over: a time-limit warning that comes now must not kill the process. Python
             # restores SIGUSR2's default action (terminate) while the interpreter shuts down, so a late
             # warning would end a finished job as FAILED (and cancel its afterok dependents).
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+    def _recover_from_lost_peer(self, job, error: BaseException) -> None:
+        """A dead node is SLURM's to handle: this rank stays alive until the controller marks the node
+        DOWN and ends the job NODE_FAIL, which requeues it (same id, --requeue) onto healthy nodes;
+        exiting first would end the job FAILED. A peer that died on a healthy node leaves SLURM
+        nothing to see: then this rank requeues the job (any rank; the first request wins)."""
+        said = f"{self!r}: rank {job.global_rank} lost a peer ({_first_line(error)})"
+        grace_s = environment.slurmd_timeout_s() + 30
+        failed = environment.wait_for_node_failure(job.nodelist, grace_s) if job.nodelist else []
+        if failed:
+            print(f"{said}; node(s) {', '.join(failed)} stopped answering: SLURM requeues job {job.job_id} "
+                  f"once they are DOWN (restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
+            deadline = time.monotonic() + 2 * grace_s
+            while time.monotonic() < deadline:  # SLURM ends this process; sleeping is all there is to do
+                time.sleep(2)
+            print(f"{self!r}: SLURM did not end the job within {2 * grace_s} s; requeueing it", flush=True)
+        else:
+            print(f"{said}; every node answers; requeueing job {job.job_id} "
+                  f"(restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
+        try:
+            environment.requeue(job.job_id)
+        except RuntimeError as already:  # another rank requeued it first
+            print(f"{self!r}: {already}", flush=True)
 
     def _check_budget(self, job, why: str) -> None:
         if job.restart_count >= self.max_requeues:

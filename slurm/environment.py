@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 
@@ -13,6 +14,7 @@ class JobContext:
     global_rank: int
     local_rank: int
     world_size: int
+    nodelist: str = ""          # SLURM_JOB_NODELIST, e.g. "gpu[01-02]"
 
     @property
     def in_slurm(self) -> bool:
@@ -26,7 +28,7 @@ def current_job(environ: dict | None = None) -> JobContext:
         job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return JobContext(job_id=job_id, restart_count=int(env.get("SLURM_RESTART_COUNT") or 0),
                       global_rank=int(env.get("SLURM_PROCID") or 0), local_rank=int(env.get("SLURM_LOCALID") or 0),
-                      world_size=int(env.get("SLURM_NTASKS") or 1))
+                      world_size=int(env.get("SLURM_NTASKS") or 1), nodelist=env.get("SLURM_JOB_NODELIST", ""))
 
 
 def requeue(job_id: str, runner=subprocess.run) -> None:
@@ -35,6 +37,52 @@ def requeue(job_id: str, runner=subprocess.run) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()} "
                            "(the cluster needs JobRequeue=1 or the job --requeue)")
+
+
+def slurmd_timeout_s(runner=subprocess.run, default: int = 300) -> int:
+    """The cluster's SlurmdTimeout: how long the controller waits before marking a silent node DOWN."""
+    try:
+        out = runner(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return default
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "SlurmdTimeout":
+            digits = value.strip().split()[0] if value.strip() else ""
+            return int(digits) if digits.isdigit() else default
+    return default
+
+
+def failed_nodes(nodelist: str, runner=subprocess.run) -> list[str]:
+    """Nodes of `nodelist` the controller sees as not responding (`*`), DOWN or failing."""
+    try:
+        out = runner(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N %T"], capture_output=True, text=True,
+                     timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    failed = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and (parts[1].endswith("*") or parts[1].startswith(("down", "fail"))):
+            failed.append(parts[0])
+    return sorted(set(failed))
+
+
+def wait_for_node_failure(nodelist: str, within_s: float, runner=subprocess.run, sleep=time.sleep,
+                          clock=time.monotonic) -> list[str]:
+    """Poll the controller for up to `within_s` seconds; return the job's nodes it sees failing.
+
+    A rank whose peer vanished cannot tell a killed process from a dead node. A dead node is for
+    SLURM to handle: it ends the job NODE_FAIL and requeues it (--requeue) once the node is DOWN;
+    a `scontrol requeue` before that restarts the job with an allocation whose GPUs (GRES) cannot
+    be used by `srun` ("Invalid generic resource specification", Slurm 22.05).
+    """
+    deadline = clock() + within_s
+    while True:
+        failed = failed_nodes(nodelist, runner)
+        if failed or clock() >= deadline:
+            return failed
+        sleep(2)
 
 
 def export_torch_distributed(environ: dict | None = None) -> bool:

@@ -333,8 +333,10 @@ def test_compiled_dpo_stage_trains_like_the_eager_one_and_saves_plain_weights(ti
     # variable in this process once anything here compiled; a user's own setting would win too)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
+    # every batch padded to max_length (64): one shape, so inductor compiles the step once, not once
+    # per length bucket (compiling dominates this test on a CPU)
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", dpo={"betas": [0.1], "compile": "default",
-                                                                 "pad_to_multiple_of": 16})
+                                                                 "pad_to_multiple_of": 64})
     proc = start_stage_job(run_dir, "dpo", "0.1")
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]

@@ -307,3 +307,49 @@ def test_tasks_of_an_array_cancelled_while_pending_take_the_parent_record():
     records = queue.query_jobs(["91_0", "91_1", "90"], runner=runner)
     assert {k: r.state for k, r in records.items() if k != "91"} == {"91_0": "CANCELLED", "91_1": "CANCELLED"}
     assert runner.calls[0][runner.calls[0].index("-j") + 1] == "91_0,91_1,90,91"  # one call, parents included
+
+
+# ------------------------------------------------------------------ a job's view of its nodes
+def test_failed_nodes_are_the_silent_down_or_failing_ones():
+    from slurm import environment
+
+    sinfo = "vm idle\nvm2 mixed*\nvm3 down*\nvm4 allocated\nvm5 fail\n"
+    runner = FakeRunner(sinfo=(0, sinfo, ""))
+    assert environment.failed_nodes("vm[1-5]", runner) == ["vm2", "vm3", "vm5"]
+    assert runner.calls == [["sinfo", "-h", "-N", "-n", "vm[1-5]", "-o", "%N %T"]]
+    assert environment.failed_nodes("vm", FakeRunner()) == []  # no sinfo: nothing is known to have failed
+
+
+def test_slurmd_timeout_is_read_from_the_config():
+    from slurm import environment
+
+    config = "SlurmctldTimeout        = 120 sec\nSlurmdTimeout           = 20 sec\nSlurmdUser = root(0)\n"
+    assert environment.slurmd_timeout_s(FakeRunner(scontrol=(0, config, ""))) == 20
+    assert environment.slurmd_timeout_s(FakeRunner(), default=300) == 300
+
+
+def test_waiting_for_a_node_failure_polls_until_the_controller_sees_it_or_gives_up():
+    from slurm import environment
+
+    answers = iter(["vm mixed\nvm2 mixed\n", "vm mixed\nvm2 mixed\n", "vm mixed\nvm2 mixed*\n"])
+    now = [0.0]
+
+    def runner(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, next(answers), "")
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    assert environment.wait_for_node_failure("vm,vm2", 60, runner, sleep, lambda: now[0]) == ["vm2"]
+    assert now[0] == 4  # two polls found every node answering
+    healthy = FakeRunner(sinfo=(0, "vm mixed\nvm2 mixed\n", ""))
+    now[0] = 0.0
+    assert environment.wait_for_node_failure("vm,vm2", 10, healthy, sleep, lambda: now[0]) == []
+    assert now[0] >= 10 and len(healthy.calls) == 6  # polled every 2 s, then gave up
+
+
+def test_job_context_knows_its_nodes():
+    from slurm.environment import current_job
+
+    job = current_job({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NODELIST": "vm[2-3]"})
+    assert (job.job_id, job.world_size, job.global_rank, job.nodelist) == ("7", 2, 1, "vm[2-3]")

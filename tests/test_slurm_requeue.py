@@ -5,7 +5,6 @@ Each test clones the finished stages of the tiny run, lengthens the stage under 
 with the same stage run uninterrupted.
 """
 import json
-import math
 import subprocess
 import time
 from pathlib import Path
@@ -131,23 +130,6 @@ def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(tiny_ru
     assert manifest["lost_steps"] == killed_at - 25 and manifest["metrics"]["global_step"] == 150
 
 
-def test_two_ranks_under_zero2_survive_a_time_limit_requeue(tiny_run, tmp_path, slurm_cluster):
-    # gpus_per_node=2 on the test cluster's fake GPUs: two tasks, each the job callable, gloo on the CPU
-    epochs = 7
-    changes = {"dpo": {"betas": [0.1], "epochs": float(epochs)}, "distributed": {"zero_stage": 2},
-               "slurm": {"dpo": {**SHORT_LIMIT, "gpus_per_node": 2, "max_requeues": 8}}}
-    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
-    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
-    stage_dir = run_dir / "dpo" / "beta-0.1"
-    manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "timeout")
-    job_id = submitted_job(run_dir, "dpo")
-    logs = sorted((run_dir / "jobs" / "dpo").glob(f"{job_id}_*_log.out"))
-    assert len(logs) == 2, logs  # one log per task (rank)
-    assert json.loads((stage_dir / "deepspeed.json").read_text())["train_batch_size"] == 2 * 16
-    per_rank = math.ceil(manifest["inputs"]["num_pairs"] / 2)  # the distributed sampler splits the pairs
-    assert manifest["metrics"]["global_step"] == epochs * math.ceil(per_rank / 16)
-
-
 def test_peer_loss_is_recognised_through_the_exception_chain():
     from jobs.stages import lost_a_peer
 
@@ -159,49 +141,3 @@ def test_peer_loss_is_recognised_through_the_exception_chain():
     wrapped.__cause__ = gloo
     assert lost_a_peer(gloo) and lost_a_peer(wrapped) and lost_a_peer(DistBackendError("NCCL error"))
     assert not lost_a_peer(RuntimeError("CUDA out of memory")) and not lost_a_peer(KeyError("loss"))
-
-
-def rank_pids(job_id: str, rank: int) -> list[int]:
-    """PIDs of the job callable's processes of one task (rank) of a running job, from /proc."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
-            cmdline = (proc / "cmdline").read_text()
-        except (OSError, ValueError):
-            continue
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and "submitit" in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def test_a_rank_that_dies_requeues_the_job_and_it_finishes_without_the_user(tiny_run, tmp_path, slurm_cluster):
-    """A rank killed mid-training (as on a node that loses power): its peer's collective fails, the job
-    requeues itself instead of failing, and resumes from the last periodic checkpoint."""
-    changes = {"dpo": {"betas": [0.1], "epochs": 2.0}, "distributed": {"zero_stage": 2},
-               "slurm": {"dpo": {"time": "30", "gpus_per_node": 2, "max_requeues": 3}}}
-    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
-    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
-    stage_dir = run_dir / "dpo" / "beta-0.1"
-    job_id = submitted_job(run_dir, "dpo")
-    killed_at = wait_for_step(stage_dir / "progress.json", 28, None, timeout=600)
-    pids = rank_pids(job_id, 1)
-    assert pids, f"no process of rank 1 of job {job_id}"
-    for pid in pids:
-        subprocess.run(["kill", "-9", str(pid)], check=False)
-    wait_for_file(stage_dir / "DONE.json", 600, job_id, run_dir)
-    manifest = json.loads((stage_dir / "DONE.json").read_text())
-    assert len(json.loads((run_dir / "jobs" / "jobs.json").read_text())["submissions"]) == 1  # no user command
-    (restart,) = manifest["restarts"]
-    assert restart["resumed_from_step"] == 25 and restart["step_before"] >= killed_at
-    assert manifest["lost_steps"] == restart["step_before"] - 25
-    for _ in range(30):
-        history = sacct_history(job_id)
-        if history and history[-1][1] == "COMPLETED":
-            break
-        time.sleep(1)
-    assert "REQUEUED" in [state for _, state in history] and history[-1][1] == "COMPLETED", history
-    out = "".join(p.read_text() for p in (run_dir / "jobs" / "dpo").glob(f"{job_id}_0_log.out"))
-    assert "lost a peer" in out and "requeueing job" in out

@@ -9,12 +9,27 @@ SLURM_DPO_DB_PORT="${SLURM_DPO_DB_PORT:-3306}"            # mariadbd TCP port (1
 SLURM_DPO_DB_PASS="${SLURM_DPO_DB_PASS:-slurmdpo}"        # password of the `slurm` DB user (local only)
 SLURM_DPO_TIMEOUT="${SLURM_DPO_TIMEOUT:-60}"              # seconds to wait for each daemon
 SLURM_DPO_NODE="${SLURM_DPO_NODE:-$(hostname -s)}"
+# Node daemons on this host (`slurmd -N NAME`): the first is $SLURM_DPO_NODE, then ${SLURM_DPO_NODE}2, ...
+# Three by default: multi-node jobs take two, and the third is the spare a job requeues onto when a
+# node fails.
+SLURM_DPO_NODES="${SLURM_DPO_NODES:-3}"
+SLURM_DPO_SLURMD_PORT="${SLURM_DPO_SLURMD_PORT:-17001}"    # first node's slurmd port; the next nodes count up
 
 MYSQL_DATADIR="$SLURM_DPO_STATE/mysql"
 MYSQL_SOCKET="$SLURM_DPO_RUN/mysql/mysqld.sock"
 
+# node_names: one name per node daemon, in order
+node_names() {
+    local i
+    echo "$SLURM_DPO_NODE"
+    for ((i = 2; i <= SLURM_DPO_NODES; i++)); do echo "$SLURM_DPO_NODE$i"; done
+}
+# the daemon (pidfile, log) name of a node's slurmd: `slurmd` for the first node, `slurmd-NAME` after
+slurmd_of() { if [[ $1 == "$SLURM_DPO_NODE" ]]; then echo slurmd; else echo "slurmd-$1"; fi; }
+SLURMDS=(); while read -r _node; do SLURMDS+=("$(slurmd_of "$_node")"); done < <(node_names)
+
 # Order matters: start.sh starts left to right, stop.sh stops right to left.
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+DAEMONS=(munged mariadbd slurmdbd slurmctld "${SLURMDS[@]}")
 
 log() { printf '[slurm-dpo %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -25,6 +40,7 @@ exe_of() {
     case "$1" in
         munged) echo /usr/sbin/munged ;;
         mariadbd) echo /usr/sbin/mariadbd ;;
+        slurmd-*) echo /usr/sbin/slurmd ;;
         *) echo "/usr/sbin/$1" ;;
     esac
 }

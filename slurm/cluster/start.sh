@@ -77,6 +77,14 @@ start_daemon() {
         --exec "$(exe_of "$name")" -- "$@"
 }
 
+any_slurmd_running() {
+    local pf
+    for pf in "$SLURM_DPO_RUN"/slurmd.pid "$SLURM_DPO_RUN"/slurmd-*.pid; do
+        [[ -e $pf ]] && is_running "$(basename "$pf" .pid)" && return 0
+    done
+    return 1
+}
+
 mysql_root() { mariadb --no-defaults --socket="$MYSQL_SOCKET" -uroot "$@"; }
 
 # ---------------------------------------------------------------- config
@@ -87,6 +95,22 @@ write_if_changed() {
     if [[ -f $path ]] && cmp -s "$tmp" "$path"; then rm -f "$tmp"; return 1; fi
     install -m "$mode" -o "${owner%:*}" -g "${owner#*:}" "$tmp" "$path"; rm -f "$tmp"
     return 0
+}
+
+node_lines() {
+    local name port=$SLURM_DPO_SLURMD_PORT
+    while read -r name; do
+        echo "NodeName=$name NodeHostname=$(hostname -s) NodeAddr=127.0.0.1 Port=$port CPUs=8 RealMemory=16000 Gres=gpu:4 State=UNKNOWN"
+        port=$((port + 1))
+    done < <(node_names)
+}
+
+# Node names must resolve (srun, and MASTER_ADDR when a job's first node is not this host's name).
+resolve_node_names() {
+    local name
+    while read -r name; do
+        getent hosts "$name" >/dev/null || echo "127.0.0.1 $name  # slurm-dpo test node" >>/etc/hosts
+    done < <(node_names)
 }
 
 write_configs() {
@@ -105,11 +129,12 @@ AuthType=auth/munge
 # Default credential lifetime (120 s) delays the restart of a requeued job.
 AuthInfo=cred_expire=10
 StateSaveLocation=$SLURM_DPO_STATE/slurmctld
-SlurmdSpoolDir=$SLURM_DPO_STATE/slurmd
+# %n: the node's name, so each node daemon on this host keeps its own spool, pidfile and log
+SlurmdSpoolDir=$SLURM_DPO_STATE/slurmd/%n
 SlurmctldPidFile=$SLURM_DPO_RUN/daemon/slurmctld.pid
-SlurmdPidFile=$SLURM_DPO_RUN/daemon/slurmd.pid
+SlurmdPidFile=$SLURM_DPO_RUN/daemon/slurmd-%n.pid
 SlurmctldLogFile=$SLURM_DPO_LOG/slurmctld.log
-SlurmdLogFile=$SLURM_DPO_LOG/slurmd.log
+SlurmdLogFile=$SLURM_DPO_LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -138,7 +163,9 @@ KillWait=5
 InactiveLimit=0
 Waittime=0
 ReturnToService=2
-SlurmdTimeout=60
+# A node that stops answering is marked DOWN (and its jobs requeued) after 20 s, not 5 minutes, so
+# the node-failure tests see it in seconds; short enough for tests, long enough for a busy 2-core host.
+SlurmdTimeout=20
 
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -149,8 +176,9 @@ JobCompType=jobcomp/none
 GresTypes=gpu
 # The machine has 2 cores; advertise 8 so several test jobs run at once.
 SlurmdParameters=config_overrides
-NodeName=$SLURM_DPO_NODE NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 Gres=gpu:4 State=UNKNOWN
-PartitionName=debug Nodes=$SLURM_DPO_NODE Default=YES MaxTime=INFINITE State=UP
+# Several node daemons share this host: each has its own name and port, all reach 127.0.0.1.
+$(node_lines)
+PartitionName=debug Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP
 CONF
 
     write_if_changed /etc/slurm/gres.conf 644 root:root <<CONF && changed=1
@@ -184,7 +212,7 @@ StorageLoc=slurm_acct_db
 CONF
 
     # Running slurm daemons would keep the old config: restart them.
-    if (( changed )) && { is_running slurmdbd || is_running slurmctld || is_running slurmd; }; then
+    if (( changed )) && { is_running slurmdbd || is_running slurmctld || any_slurmd_running; }; then
         log "slurm config changed: restarting slurm daemons"
         "$HERE/stop.sh" slurmd slurmctld slurmdbd
     fi
@@ -222,6 +250,7 @@ if [[ ${SLURM_DPO_FRESH:-0} == 1 ]]; then
     WIPE_DB=1
 fi
 
+resolve_node_names
 write_configs
 
 # munge: shared key + munged in the foreground (-F) as user munge
@@ -266,31 +295,38 @@ out="$(sacctmgr -i add cluster "$SLURM_DPO_CLUSTER" 2>&1)" || {
 
 start_daemon slurmctld root -D
 wait_for slurmctld scontrol ping
-start_daemon slurmd root -D -N "$SLURM_DPO_NODE"
+while read -r node; do
+    mkdir -p "$SLURM_DPO_STATE/slurmd/$node"
+    start_daemon "$(slurmd_of "$node")" root -D -N "$node"
+done < <(node_names)
 
-# Wait for the node to come up; un-drain it if an earlier run left it drained/down.
+# Wait for every node to come up; un-drain one an earlier run left drained/down.
 # (%T has no '*' suffix only once slurmd has registered, so 'idle' means really up.)
 deadline=$((SECONDS + SLURM_DPO_TIMEOUT)); next_resume=0
-while :; do
-    state="$(sinfo -h -N -n "$SLURM_DPO_NODE" -o %T 2>/dev/null | head -n1)"
-    case "$state" in
-        idle|mixed|allocated|completing) break ;;
-        drain*|down*|fail*)
-            # Retried: right after slurmctld starts, resume can be refused
-            # ("Invalid node state specified").
-            if (( SECONDS >= next_resume )); then
-                log "node is $state ($(sinfo -h -N -n "$SLURM_DPO_NODE" -o %E)): resuming"
-                scontrol update nodename="$SLURM_DPO_NODE" state=resume 2>/dev/null || true
-                next_resume=$((SECONDS + 2))
-            fi ;;
-    esac
-    if ! is_alive slurmd; then log "ERROR: slurmd exited"; dump_log slurmd; exit 1; fi
-    if (( SECONDS >= deadline )); then
-        log "ERROR: node $SLURM_DPO_NODE is '${state:-unknown}' after ${SLURM_DPO_TIMEOUT}s, not idle"
-        sinfo -N -l >&2 || true; dump_log slurmd; dump_log slurmctld; exit 1
-    fi
-    sleep 0.3
-done
+while read -r node; do
+    while :; do
+        state="$(sinfo -h -N -n "$node" -o %T 2>/dev/null | head -n1)"
+        case "$state" in
+            idle|mixed|allocated|completing) break ;;
+            drain*|down*|fail*)
+                # Retried: right after slurmctld starts, resume can be refused
+                # ("Invalid node state specified").
+                if (( SECONDS >= next_resume )); then
+                    log "node $node is $state ($(sinfo -h -N -n "$node" -o %E)): resuming"
+                    scontrol update nodename="$node" state=resume 2>/dev/null || true
+                    next_resume=$((SECONDS + 2))
+                fi ;;
+        esac
+        if ! is_alive "$(slurmd_of "$node")"; then
+            log "ERROR: slurmd of $node exited"; dump_log "slurmd-$node"; dump_log "$(slurmd_of "$node")"; exit 1
+        fi
+        if (( SECONDS >= deadline )); then
+            log "ERROR: node $node is '${state:-unknown}' after ${SLURM_DPO_TIMEOUT}s, not idle"
+            sinfo -N -l >&2 || true; dump_log "slurmd-$node"; dump_log slurmctld; exit 1
+        fi
+        sleep 0.3
+    done
+done < <(node_names)
 
-log "cluster '$SLURM_DPO_CLUSTER' up: node $SLURM_DPO_NODE is $state; logs in $SLURM_DPO_LOG"
+log "cluster '$SLURM_DPO_CLUSTER' up: nodes $(node_names | paste -sd,) idle; logs in $SLURM_DPO_LOG"
 log "elapsed $(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s"

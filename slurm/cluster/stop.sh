@@ -8,7 +8,18 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=common.sh
 source "$HERE/common.sh"
 
-if [[ $# -gt 0 ]]; then targets=("$@"); else targets=(); for ((i=${#DAEMONS[@]}-1; i>=0; i--)); do targets+=("${DAEMONS[i]}"); done; fi
+# `slurmd` means every node daemon (slurmd, slurmd-NAME...); `slurmd-NAME` one node.
+if [[ $# -gt 0 ]]; then
+    targets=()
+    for name in "$@"; do
+        if [[ $name == slurmd ]]; then
+            # the configured nodes and any left from a larger cluster
+            for pf in "$SLURM_DPO_RUN"/slurmd.pid "$SLURM_DPO_RUN"/slurmd-*.pid; do
+                [[ -e $pf ]] && targets+=("$(basename "$pf" .pid)")
+            done
+        else targets+=("$name"); fi
+    done
+else targets=(); for ((i=${#DAEMONS[@]}-1; i>=0; i--)); do targets+=("${DAEMONS[i]}"); done; fi
 
 for name in "${targets[@]}"; do
     pf="$(pidfile_of "$name")"
