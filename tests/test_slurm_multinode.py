@@ -137,7 +137,7 @@ def test_a_node_that_loses_power_requeues_the_job_onto_the_spare_node(tiny_run, 
     assert victim not in runs[-1] and len(set(runs[-1])) == 2, runs  # the spare node took its place
     node_state = subprocess.run(["sinfo", "-h", "-N", "-n", victim, "-o", "%T"], capture_output=True,
                                 text=True).stdout.strip()
-    assert node_state.startswith("down"), node_state
+    assert node_state.startswith("down") or node_state.endswith("*"), node_state  # DOWN, or still not answering
     out = (run_dir / "jobs" / "dpo" / f"{job_id}_0_log.out").read_text()
     assert "lost a peer" in out and f"node(s) {victim} stopped answering" in out
     print(f"node {victim} powered off at step {killed_at}: {manifest['lost_steps']} steps lost, "

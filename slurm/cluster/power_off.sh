@@ -21,7 +21,8 @@ pf="$(pidfile_of "$(slurmd_of "$node")")"
 # A job's processes on that node carry SLURMD_NODENAME=NODE; climb from each to its slurmstepd.
 for environ in /proc/[0-9]*/environ; do
     pid=${environ#/proc/}; pid=${pid%/environ}
-    { tr '\0' '\n' <"$environ"; } 2>/dev/null | grep -qx "SLURMD_NODENAME=$node" || continue
+    # (grep reads a process substitution: under pipefail, `tr | grep -q` could fail by SIGPIPE on a match)
+    grep -qx "SLURMD_NODENAME=$node" < <(tr '\0' '\n' 2>/dev/null <"$environ") || continue
     while [[ $pid -gt 1 ]]; do
         if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == slurmstepd ]]; then victims+=("$pid"); break; fi
         pid=$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null || echo 1)
