@@ -83,9 +83,10 @@ class StageJob:
 
     def __call__(self):
         self._started = time.time()
-        # torch would otherwise use every core of the node, not the job's share
-        if os.environ.get("SLURM_CPUS_PER_TASK"):
-            os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+        if environment.current_job().in_slurm:
+            # torch would otherwise start a thread per core of the node, not per CPU of this task; an
+            # OMP_NUM_THREADS from the login shell (sbatch exports it) is not this task's share either
+            os.environ["OMP_NUM_THREADS"] = str(environment.cpu_share())
         environment.export_torch_distributed()
         interrupt.clear()
         signal.signal(signal.SIGUSR2, self._on_usr2)

@@ -278,7 +278,8 @@ class PipelineConfig:
     name: str = doc("Run name (used for wandb runs and job names).", "dpo")
     seed: int = doc("Seed for data order, sampling and initialisation.", 0)
     device: str = doc("auto (cuda when available), cpu or cuda.", "auto")
-    num_threads: int | None = doc("torch CPU threads per process (null = torch default).", None)
+    num_threads: int | None = doc("torch CPU threads per process (null = under SLURM, the CPUs the task is bound to "
+                                  "capped by its cpus_per_task; elsewhere OMP_NUM_THREADS or torch's default).", None)
     model: ModelConfig = doc("Policy model.", factory=ModelConfig)
     data: DataConfig = doc("Review corpus and prompts.", factory=DataConfig)
     reward: RewardConfig = doc("Sentiment reward.", factory=RewardConfig)

@@ -21,7 +21,23 @@ def setup_process(cfg: PipelineConfig) -> None:
     if threads:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    # one line per process in its log: where a site binds tasks to CPUs, this is what it gave the rank
+    cpus = sorted(os.sched_getaffinity(0))
+    print(f"process: rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')} on "
+          f"{os.uname().nodename}: {len(cpus)} CPU(s) {_cpu_ranges(cpus)}, torch threads {torch.get_num_threads()}",
+          flush=True)
     seed_everything(cfg.seed)
+
+
+def _cpu_ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (how taskset and SLURM write CPU lists)."""
+    parts, start = [], None
+    for i, cpu in enumerate(cpus):
+        start = cpu if start is None else start
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            parts.append(f"{start}-{cpu}" if cpu != start else str(cpu))
+            start = None
+    return ",".join(parts)
 
 
 def seed_everything(seed: int) -> None:

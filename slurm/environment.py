@@ -85,6 +85,16 @@ def wait_for_node_failure(nodelist: str, within_s: float, runner=subprocess.run,
         sleep(2)
 
 
+def cpu_share(environ: dict | None = None, bound_cpus: set[int] | None = None) -> int:
+    """How many CPUs this task may use: the CPUs it is bound to (`sched_getaffinity`), capped by its
+    --cpus-per-task. Where the site binds tasks (task/affinity, cgroups) the binding decides; where
+    it does not, a task sees the whole node and --cpus-per-task is its share."""
+    env = os.environ if environ is None else environ
+    bound = len(os.sched_getaffinity(0) if bound_cpus is None else bound_cpus)
+    asked = int(env.get("SLURM_CPUS_PER_TASK") or 0)
+    return max(1, min(bound, asked) if asked else bound)
+
+
 def export_torch_distributed(environ: dict | None = None) -> bool:
     """With several tasks, export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR (the allocation's first
     node) and MASTER_PORT (derived from the job id) for torch.distributed; returns whether it did.

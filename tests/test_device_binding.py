@@ -33,3 +33,33 @@ def test_resolve_device_follows_the_rule(monkeypatch):
     assert resolve_device(PipelineConfig(device="cuda")) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_device(PipelineConfig(device="cuda")) == torch.device("cuda", 3)
+
+
+# ------------------------------------------------------------------ CPUs
+from slurm.environment import cpu_share  # noqa: E402
+
+
+@pytest.mark.parametrize("cpus_per_task, bound, expected", [
+    ("8", set(range(64)), 8),    # no binding (task/none): the task sees the node; its share is --cpus-per-task
+    ("8", {4, 5, 6, 7}, 4),      # bound to fewer CPUs than asked (srun without --cpus-per-task): what it has
+    ("2", {0, 1}, 2),            # bound to exactly its share
+    (None, {0, 1, 2}, 3),        # no --cpus-per-task in the environment: the CPUs it is bound to
+])
+def test_a_task_uses_the_cpus_it_is_bound_to_capped_by_its_share(cpus_per_task, bound, expected):
+    env = {} if cpus_per_task is None else {"SLURM_CPUS_PER_TASK": cpus_per_task}
+    assert cpu_share(env, bound) == expected
+
+
+def test_a_job_sets_torch_threads_to_its_share_not_the_login_shells(monkeypatch, tmp_path):
+    """sbatch exports the submitting shell's OMP_NUM_THREADS; inside a job the task's share wins."""
+    import os
+
+    from jobs import stages
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "32")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    seen = {}
+    monkeypatch.setattr(stages, "run_stage", lambda *a: seen.setdefault("threads", os.environ["OMP_NUM_THREADS"]))
+    stages.StageJob(tmp_path, "sft")()
+    assert seen == {"threads": "1"}

@@ -14,6 +14,15 @@ SLURM_DPO_NODE="${SLURM_DPO_NODE:-$(hostname -s)}"
 # node fails.
 SLURM_DPO_NODES="${SLURM_DPO_NODES:-3}"
 SLURM_DPO_SLURMD_PORT="${SLURM_DPO_SLURMD_PORT:-17001}"    # first node's slurmd port; the next nodes count up
+# task/none: tasks run on any CPU, and each node advertises 8 CPUs so several test jobs run at once.
+# task/affinity: SLURM binds each task to the CPUs it was given (as most sites do); binding needs the
+# CPU ids the host really has, so each node then advertises this host's CPUs (`nproc`).
+SLURM_DPO_TASK_PLUGIN="${SLURM_DPO_TASK_PLUGIN:-task/none}"
+case "$SLURM_DPO_TASK_PLUGIN" in
+    task/none) SLURM_DPO_NODE_CPUS=8 ;;
+    task/affinity) SLURM_DPO_NODE_CPUS=$(nproc --all) ;;
+    *) echo "SLURM_DPO_TASK_PLUGIN=$SLURM_DPO_TASK_PLUGIN: use task/none or task/affinity" >&2; exit 2 ;;
+esac
 
 MYSQL_DATADIR="$SLURM_DPO_STATE/mysql"
 MYSQL_SOCKET="$SLURM_DPO_RUN/mysql/mysqld.sock"

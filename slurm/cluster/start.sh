@@ -100,7 +100,7 @@ write_if_changed() {
 node_lines() {
     local name port=$SLURM_DPO_SLURMD_PORT
     while read -r name; do
-        echo "NodeName=$name NodeHostname=$(hostname -s) NodeAddr=127.0.0.1 Port=$port CPUs=8 RealMemory=16000 Gres=gpu:4 State=UNKNOWN"
+        echo "NodeName=$name NodeHostname=$(hostname -s) NodeAddr=127.0.0.1 Port=$port CPUs=$SLURM_DPO_NODE_CPUS RealMemory=16000 Gres=gpu:4 State=UNKNOWN"
         port=$((port + 1))
     done < <(node_names)
 }
@@ -142,7 +142,7 @@ MpiDefault=none
 
 # No usable cgroup freezer here, so no cgroup tracking / task containment.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$SLURM_DPO_TASK_PLUGIN
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 
@@ -174,7 +174,8 @@ AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 
 GresTypes=gpu
-# The machine has 2 cores; advertise 8 so several test jobs run at once.
+# Under task/none the nodes advertise more CPUs than the host has (see common.sh), so several test
+# jobs run at once.
 SlurmdParameters=config_overrides
 # Several node daemons share this host: each has its own name and port, all reach 127.0.0.1.
 $(node_lines)
