@@ -169,6 +169,9 @@ def sample_resumable(model, tokenizer, prompts: list[str], partial_dir, label: s
             Sample(row["prompt"], row["completion"], row["prompt_ids"], row["completion_ids"], row.get("sampler_logp"))
             for row in read_jsonl(path)]
 
+    if restored:  # in the job's log: the work an earlier attempt (stopped by a time limit, preempted) kept
+        print(f"{label}: {len(restored)} sampling batch(es) restored from {partial_dir}", flush=True)
+
     def save(index: int, samples: list[Sample]) -> None:
         atomic_write_jsonl(partial_dir / f"batch-{index:05d}.jsonl",
                            [{"prompt": s.prompt, "completion": s.completion, "prompt_ids": s.prompt_ids,
