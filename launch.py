@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs = sub.add_parser("logs", help="print a stage job's stdout/stderr")
     logs.add_argument("stage", help=STAGE_NAMES)
-    logs.add_argument("--task", help="array task: a beta for dpo (0.1; 1, 1.0 and 1e0 name the same), a shard number for pairs")
+    logs.add_argument("--task", help="array task: a dpo arm's key (a beta: 0.1, where 1, 1.0 and 1e0 name the same; or METHOD:BETA[:seedN], e.g. ipo:0.5, dpo:0.1:seed1), a shard number for pairs")
     _run_dir_arg(logs, required=True)
     logs.add_argument("--stderr", action="store_true", help="show stderr instead of stdout")
     logs.add_argument("--lines", type=int, default=60, help="show the last N lines (0 = all)")

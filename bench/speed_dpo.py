@@ -50,7 +50,7 @@ def bench_dpo(ctx: Context) -> list[dict]:
             ref = None if dpo.precompute_ref_log_probs else model_copy(ctx.base, MASTER_WEIGHTS, train=False)
             kwargs = trainer_kwargs(cfg, dpo, out_dir, device, ctx.project_dtype, report_to=[])
             kwargs.update(max_steps=total_steps, save_strategy="no")
-            args = DPOConfig(**kwargs, beta=dpo.betas[0], loss_type=[dpo.loss_type],
+            args = DPOConfig(**kwargs, beta=dpo.betas[0], loss_type=["sigmoid"],
                              precompute_ref_log_probs=dpo.precompute_ref_log_probs)
             return dpo_trainer_class()(model=policy, ref_model=ref, args=args,
                                        train_dataset=Dataset.from_list(rows_data), processing_class=ctx.tokenizer)

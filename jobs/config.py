@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from jobs.presets import preset_layers
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, upgrade_stored_config
 from pipeline.configlib import deep_merge, doc, from_dict, load_yaml, parse_assignment, to_dict
 from pipeline.data import validate_dataset_source
 from pipeline.layout import RunLayout, atomic_write_text
@@ -25,7 +25,7 @@ class SlurmConfig:
     """SLURM resources per stage: the one place they are declared."""
     sft: SlurmResources = doc("SFT job.", factory=lambda: SlurmResources(time="04:00:00"))
     pairs: SlurmResources = doc("Each pairs shard (array task) and the merge job.", factory=SlurmResources)
-    dpo: SlurmResources = doc("Each DPO array task (one beta).", factory=lambda: SlurmResources(time="04:00:00"))
+    dpo: SlurmResources = doc("Each DPO array task (one sweep arm).", factory=lambda: SlurmResources(time="04:00:00"))
     eval: SlurmResources = doc("Evaluation job.", factory=SlurmResources)
 
 
@@ -77,7 +77,7 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     layout = RunLayout(run_dir)
     if not layout.config.is_file():
         raise FileNotFoundError(f"{layout.config} not found: is {run_dir} a run directory made by `launch.py run`?")
-    return from_dict(ExperimentConfig, yaml.safe_load(layout.config.read_text()), where="")
+    return from_dict(ExperimentConfig, upgrade_stored_config(yaml.safe_load(layout.config.read_text())), where="")
 
 
 def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:

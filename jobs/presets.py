@@ -72,9 +72,28 @@ TINY = {
               for section in ("sft", "pairs", "dpo", "eval")},
 }
 
-PRESETS = {"tiny": TINY, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
-PRESET_HELP = {"tiny": "CPU, minutes, offline", "gpt2-large": "the seed experiment",
-               "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
+# tiny's pipeline with every pairwise method of `pipeline.methods`, two seeds each, and shorter arms
+# (80 prompts -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 14 arms stay minutes on a CPU.
+# Strengths are TRL's beta for all four losses, but what it scales differs, so each method gets values
+# that ask for comparable log-ratio margins on these ~40-token completions:
+# - dpo, robust: -log sigmoid(beta * margin) flattens once beta * margin is a few units: beta 0.1 lets the
+#   sequence margin grow to ~30 nats, beta 1.0 stops near ~3 (tiny's two ends; robust only at 0.1, to
+#   compare with dpo at the same beta: its difference is the label-noise correction alone).
+# - hinge: relu(1 - beta * margin) is zero past a margin of 1/beta: 10 nats at 0.1, 1 nat at 1.0.
+# - ipo: TRL's IPO regresses the margin *per completion token* onto 1/(2 tau): tau 0.5 -> 1 nat per token
+#   (~40 per sequence, near dpo 0.1's end), tau 5 -> 0.1 per token (~4, near dpo 1.0's). IPO's tau is on
+#   another scale than DPO's beta: at tau 0.1 it would ask for 5 nats per token (~200 per sequence).
+TINY_METHODS = deep_merge(deep_merge({}, TINY), {
+    "name": "tiny-methods",
+    "pairs": {"num_prompts": 80},
+    "dpo": {"betas": [0.1, 1.0], "save_steps": 10},
+    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge"], "strengths": {"ipo": [0.5, 5.0], "robust": [0.1]},
+              "seeds": [0, 1]},
+})
+
+PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
+PRESET_HELP = {"tiny": "CPU, minutes, offline", "tiny-methods": "tiny with DPO, IPO, robust DPO and hinge, 2 seeds",
+               "gpt2-large": "the seed experiment", "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 
 def preset_layers(name: str, with_slurm: bool = True) -> dict:

@@ -7,8 +7,10 @@ with a message naming the field and the fix. Presets (ML and SLURM settings toge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pipeline.configlib import doc
+from pipeline.methods import METHODS
 
 SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -20,7 +22,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
 # transformers' OptimizerNames that need nothing beyond torch (a test keeps them in step).
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop")
-# TRL DPOTrainer's pairwise losses (`DPOConfig.loss_type`; a test builds a DPOConfig with each).
+# TRL DPOTrainer's pairwise losses (`DPOConfig.loss_type`; a test builds a DPOConfig with each); the
+# sweep's methods (`pipeline.methods`) each use one of them.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
@@ -188,9 +191,17 @@ class PairsConfig:
 
 @dataclass
 class DPOConfig(TrainConfig):
-    betas: list[float] = doc("KL strengths to sweep; one independent DPO run (one array task) per beta.",
+    # Fields that moved: an old key gets this hint instead of a bare "unknown key".
+    MOVED_FIELDS: ClassVar[dict[str, str]] = {
+        "loss_type": "sweep.methods (one arm per method, strength and seed), e.g. --set sweep.methods=[ipo]; "
+                     f"methods: {', '.join(METHODS)} (dpo = TRL's sigmoid loss)"}
+
+    betas: list[float] = doc("KL strengths (TRL's beta) to sweep; one independent run (one array task) per beta, "
+                             "for every method of sweep.methods without its own sweep.strengths.",
                              factory=lambda: [0.05, 0.1, 1.0])
-    loss_type: str = doc("TRL DPO loss (sigmoid = the DPO paper).", "sigmoid")
+    label_smoothing: float = doc("Assumed probability that a preference label is flipped, used by the robust "
+                                 "method only (TRL's label_smoothing; must be in (0, 0.5) when robust is swept; "
+                                 "the Robust DPO paper suggests 0.1).", 0.1)
     save_steps: int = doc("Save a checkpoint every N optimizer steps (each is evaluated).", 100)
     max_length: int = doc("Truncation length of prompt + completion, in tokens.", 512)
     precompute_ref_log_probs: bool = doc("Compute reference log-probs once before training instead of "
@@ -198,12 +209,49 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self):
         self._check_train("dpo")
-        _check(self.loss_type in DPO_LOSS_TYPES, "dpo.loss_type",
-               f"{self.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
         _check(len(self.betas) >= 1, "dpo.betas", "must list at least one beta, e.g. [0.1]")
         for i, beta in enumerate(self.betas):
             _check(beta > 0, f"dpo.betas[{i}]", f"beta={beta} must be > 0 (it scales the implicit KL penalty)")
         _check(len(set(self.betas)) == len(self.betas), "dpo.betas", "contains duplicates")
+        _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5), e.g. 0.1")
+
+
+@dataclass
+class SweepConfig:
+    """The DPO stage's arms: every method x its strengths x every seed, one array task each."""
+    methods: list[str] = doc("Preference-tuning methods to sweep, each a TRL pairwise loss trained from the same "
+                             "pairs: " + "; ".join(f"{m.name} = {m.about}" for m in METHODS.values()) + ".",
+                             factory=lambda: ["dpo"])
+    strengths: dict[str, list[float]] = doc("Strengths (TRL's beta) per method, e.g. {ipo: [0.5, 2.0]} or --set "
+                                            "sweep.strengths.ipo=[0.5]; a method not listed uses dpo.betas.",
+                                            factory=dict)
+    seeds: list[int] = doc("Training seeds (Trainer seed and data order): every (method, strength) is trained "
+                           "once per seed and the frontier plot shows the mean ± standard error over seeds. "
+                           "Empty = once, with the run's seed.", factory=list)
+
+    def __post_init__(self):
+        _check(len(self.methods) >= 1, "sweep.methods", f"must list at least one method, e.g. [dpo]; methods: "
+                                                        f"{', '.join(METHODS)}")
+        for i, method in enumerate(self.methods):
+            _check(method in METHODS, f"sweep.methods[{i}]",
+                   f"{method!r} is not a method; choose from {', '.join(METHODS)}")
+        _check(len(set(self.methods)) == len(self.methods), "sweep.methods", "contains duplicates")
+        for method, strengths in self.strengths.items():
+            where = f"sweep.strengths.{method}"
+            _check(method in self.methods, where, f"{method!r} is not in sweep.methods={self.methods}; add it there "
+                                                  "or drop its strengths")
+            _check(len(strengths) >= 1, where, "must list at least one strength, e.g. [0.1] (or leave the method "
+                                               "out of sweep.strengths to use dpo.betas)")
+            for i, strength in enumerate(strengths):
+                _check(strength > 0, f"{where}[{i}]", f"{strength} must be > 0 (TRL's beta)")
+            _check(len(set(strengths)) == len(strengths), where, "contains duplicates")
+        for i, seed in enumerate(self.seeds):
+            _check(seed >= 0, f"sweep.seeds[{i}]", f"{seed} must be >= 0")
+        _check(len(set(self.seeds)) == len(self.seeds), "sweep.seeds", "contains duplicates")
+
+    def strengths_of(self, method: str, betas: list[float]) -> list[float]:
+        """The strengths swept for `method`: its own, else `betas` (dpo.betas)."""
+        return list(self.strengths.get(method, betas))
 
 
 @dataclass
@@ -285,7 +333,8 @@ class PipelineConfig:
     reward: RewardConfig = doc("Sentiment reward.", factory=RewardConfig)
     sft: SFTConfig = doc("Supervised fine-tuning stage.", factory=SFTConfig)
     pairs: PairsConfig = doc("Preference-pair stage.", factory=PairsConfig)
-    dpo: DPOConfig = doc("DPO stage (one run per beta).", factory=DPOConfig)
+    dpo: DPOConfig = doc("DPO stage (one run per sweep arm).", factory=DPOConfig)
+    sweep: SweepConfig = doc("The DPO stage's arms: methods x strengths x seeds.", factory=SweepConfig)
     eval: EvalConfig = doc("Reward-vs-KL evaluation stage.", factory=EvalConfig)
     wandb: WandbConfig = doc("Experiment tracking.", factory=WandbConfig)
     hub: HubConfig = doc("Hub downloads (prefetched on the login node; jobs run offline).", factory=HubConfig)
@@ -299,6 +348,10 @@ class PipelineConfig:
                f"{self.name!r}: use letters, digits, '-' and '_' only")
         if self.model.name == "tiny":  # its context length is known before anything runs
             self._check_tiny_context()
+        for method in self.sweep.methods:
+            problem = METHODS[method].check(self)
+            if problem is not None:
+                _check(False, *problem)
 
     def _check_tiny_context(self):
         context, prompt = self.model.n_positions, self.data.prompt_max_tokens
@@ -308,3 +361,20 @@ class PipelineConfig:
         for field, tokens in needs.items():
             _check(tokens <= context, field, f"needs {tokens} tokens (prompt included), more than the tiny model's "
                                              f"context (model.n_positions={context}); lower it or raise model.n_positions")
+
+
+def upgrade_stored_config(data: dict) -> dict:
+    """A run's stored config.yaml as this version reads it (a copy).
+
+    Runs made before the sweep section had `dpo.loss_type`, one TRL loss for every arm: 'sigmoid' is
+    the dpo method, which the default sweep section gives (same arms, keys and directories).
+    """
+    dpo = data.get("dpo")
+    if not isinstance(dpo, dict) or "loss_type" not in dpo:
+        return data
+    loss = dpo["loss_type"]
+    if loss != "sigmoid":
+        raise ValueError(f"dpo.loss_type: this run was made with dpo.loss_type={loss!r}, which is now a method in "
+                         "sweep.methods with arm directories of its own; finish it with the version that made it, "
+                         "or start a new --run-dir with --set sweep.methods=[...]")
+    return {**data, "dpo": {k: v for k, v in dpo.items() if k != "loss_type"}}

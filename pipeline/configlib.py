@@ -158,7 +158,7 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
-        raise ValueError(unknown_keys_message(where, unknown, sorted(fields)))
+        raise ValueError(unknown_keys_message(where, unknown, sorted(fields), getattr(cls, "MOVED_FIELDS", {})))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -169,13 +169,19 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     return cls(**kwargs)
 
 
-def unknown_keys_message(where: str, unknown: list[str], valid: list[str]) -> str:
-    """`slurm.dpo: unknown key(s) gpus; did you mean slurm.dpo.gpus_per_node ...; valid keys: ...`."""
+def unknown_keys_message(where: str, unknown: list[str], valid: list[str], moved: dict | None = None) -> str:
+    """`slurm.dpo: unknown key(s) gpus; did you mean slurm.dpo.gpus_per_node ...; valid keys: ...`.
+
+    `moved` (a config class's MOVED_FIELDS) maps a field that no longer exists to where it went.
+    """
     def dotted(key: str) -> str:
         return f"{where}.{key}" if where else key
 
     hints = []
     for key in unknown:
+        if key in (moved or {}):
+            hints.append(f"{dotted(key)} was replaced by {moved[key]}")
+            continue
         close = [v for v in valid if v.startswith(key)][:1] or difflib.get_close_matches(key, valid, n=1)
         if close:
             hints.append(f"did you mean {dotted(close[0])} instead of {dotted(key)}?")

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout, read_json
 from pipeline.metrics_log import merge_by_step, read_metrics_log
-from pipeline.registry import dpo_arms
+from pipeline.registry import sweep_arms
 
 SFT_LOSS_PNG = "sft_loss.png"
 DPO_CURVES_PNG = "dpo_curves.png"
@@ -77,9 +77,9 @@ def series_of(by_step: dict[int, dict] | None, metrics: tuple[str, ...]) -> dict
 
 
 def collect_training_curves(cfg: PipelineConfig, layout: RunLayout) -> TrainingCurves:
-    """The series the report draws, read from the run directory; arms in `dpo.betas` order."""
+    """The series the report draws, read from the run directory; arms in sweep order (`sweep_arms`)."""
     curves = TrainingCurves(sft=series_of(stage_log(layout, "sft"), SFT_METRICS))
-    for arm in dpo_arms(cfg):
+    for arm in sweep_arms(cfg):
         arm_series = series_of(stage_log(layout, "dpo", arm), DPO_METRICS)
         if arm_series:
             curves.dpo[arm.tag] = arm_series
@@ -112,7 +112,7 @@ def dpo_curves_figure(by_arm: dict[str, dict[str, Series]]):
     (and the metric's last name part where a panel draws two)."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=120, sharex=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = plt.get_cmap("tab20").colors if len(by_arm) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, ylabel, metrics) in zip(axes.flat, DPO_PANELS):
         for index, (tag, arm_series) in enumerate(by_arm.items()):
             for metric, style in zip(metrics, LINE_STYLES):
@@ -126,7 +126,7 @@ def dpo_curves_figure(by_arm: dict[str, dict[str, Series]]):
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
-    axes.flat[0].legend(fontsize=8)  # the arms' colours; the same in every panel
+    axes.flat[0].legend(fontsize=8 if len(by_arm) <= 8 else 6)  # the arms' colours; the same in every panel
     fig.suptitle("DPO training, per arm")
     fig.tight_layout()
     return fig
@@ -155,7 +155,7 @@ def draw_training_curves(cfg: PipelineConfig, layout: RunLayout) -> list[tuple[s
         save_png(sft_loss_figure(curves.sft["loss"]), report_dir / SFT_LOSS_PNG)
         drawn.append(("SFT training loss", SFT_LOSS_PNG))
     if curves.dpo:
-        missing = [arm.tag for arm in dpo_arms(cfg) if arm.tag not in curves.dpo]
+        missing = [arm.tag for arm in sweep_arms(cfg) if arm.tag not in curves.dpo]
         title = "DPO training curves per arm" + (f" (no training log for {', '.join(missing)})" if missing else "")
         save_png(dpo_curves_figure(curves.dpo), report_dir / DPO_CURVES_PNG)
         drawn.append((title, DPO_CURVES_PNG))

@@ -199,6 +199,11 @@ class RunLayout:
         return self.stage_dir("eval") / "frontier.csv"
 
     @property
+    def frontier_seeds_csv(self) -> Path:
+        """Means over seeds per (method, strength, step), when the sweep has several seeds."""
+        return self.stage_dir("eval") / "frontier_seeds.csv"
+
+    @property
     def frontier_png(self) -> Path:
         return self.stage_dir("eval") / "frontier.png"
 

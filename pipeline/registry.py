@@ -16,6 +16,7 @@ from typing import Any, Callable, Union
 
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout
+from pipeline.methods import DEFAULT_METHOD, METHODS
 
 
 # ------------------------------------------------------------------ typed array tasks
@@ -41,33 +42,76 @@ class Shard:
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the DPO sweep (today: a beta). Its key and tag are made here and nowhere else."""
+    """One arm of the DPO sweep: a method (`pipeline.methods`), its strength (TRL's beta) and a training
+    seed (None = the run's `seed`). Its key and tag are made here and nowhere else.
+
+    The default arm (method dpo, the run's seed) keeps the beta-only names of runs made before the
+    sweep had methods and seeds: key '0.1', tag 'beta-0.1'. Other arms name what differs: keys
+    'ipo:0.5', 'dpo:0.1:seed1'; tags 'ipo-beta-0.5', 'dpo-beta-0.1-seed-1'.
+    """
     beta: float
+    method: str = DEFAULT_METHOD
+    seed: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "beta", float(self.beta))
+        if self.method not in METHODS:
+            raise ValueError(f"arm method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"arm seed {self.seed!r}: a seed is an integer >= 0")
+
+    @property
+    def strength(self) -> float:
+        """The method's strength; TRL's `beta` for every method."""
+        return self.beta
+
+    @property
+    def is_default(self) -> bool:
+        return self.method == DEFAULT_METHOD and self.seed is None
 
     @property
     def key(self) -> str:
-        """The beta as typed in records and `--task`: 0.05 -> '0.05', 1 -> '1.0'."""
-        return repr(self.beta)
+        """As typed in records and `--task`: '0.05', '1.0' (dpo, run seed); 'ipo:0.5', 'dpo:0.1:seed1'."""
+        if self.is_default:
+            return repr(self.beta)
+        return f"{self.method}:{self.beta!r}" + ("" if self.seed is None else f":seed{self.seed}")
 
     @property
     def tag(self) -> str:
-        """The arm's name in paths, wandb runs, policy ids and metric names: 'beta-0.1'."""
-        return f"beta-{self.key}"
+        """The arm's name in paths, wandb runs, policy ids and metric names: 'beta-0.1', 'ipo-beta-0.5',
+        'dpo-beta-0.1-seed-1'."""
+        if self.is_default:
+            return f"beta-{self.beta!r}"
+        return f"{self.method}-beta-{self.beta!r}" + ("" if self.seed is None else f"-seed-{self.seed}")
 
     @property
     def dirname(self) -> str:
         return self.tag
 
+    def training_seed(self, run_seed: int) -> int:
+        return run_seed if self.seed is None else self.seed
+
     @classmethod
     def parse(cls, text: str) -> "Arm":
-        """Any spelling of the same value names the same arm: '1', '1.0', '1e0'."""
+        """A key, any spelling of its numbers: '1', '1.0', '1e0'; 'ipo:0.5'; 'dpo:0.1:seed1' ('seed01')."""
+        usage = ("a DPO task is a beta, e.g. --task 0.1, or METHOD:BETA[:seedN], e.g. --task ipo:0.5 or "
+                 f"--task dpo:0.1:seed1 (methods: {', '.join(METHODS)})")
+        parts = [part.strip() for part in str(text).strip().split(":")]
+        if len(parts) > 3 or (len(parts) == 1 and not parts[0]):
+            raise ValueError(f"task {text!r}: {usage}")
+        method = parts[0].lower() if len(parts) > 1 else DEFAULT_METHOD
+        if method not in METHODS:
+            raise ValueError(f"task {text!r}: unknown method {parts[0]!r}; {usage}")
         try:
-            return cls(float(str(text).strip()))
+            beta = float(parts[-1] if len(parts) == 1 else parts[1])
+            seed = None
+            if len(parts) == 3:
+                if not parts[2].lower().startswith("seed"):
+                    raise ValueError
+                seed = int(parts[2][4:])
+            return cls(beta, method, seed)
         except ValueError:
-            raise ValueError(f"task {text!r}: a DPO task is a beta, e.g. --task 0.1") from None
+            raise ValueError(f"task {text!r}: {usage}") from None
 
 
 Task = Union[Shard, Arm, None]
@@ -135,8 +179,11 @@ def _pairs_shard_done(layout: RunLayout, shard: Shard) -> bool:
     return layout.is_done("pairs") or layout.pairs_shard(shard.index).is_file()
 
 
-def dpo_arms(cfg: PipelineConfig) -> list[Arm]:
-    return [Arm(beta) for beta in cfg.dpo.betas]
+def sweep_arms(cfg: PipelineConfig) -> list[Arm]:
+    """The DPO stage's arms: methods x strengths x seeds, in config order (seeds innermost)."""
+    seeds = cfg.sweep.seeds or [None]
+    return [Arm(strength, method, seed) for method in cfg.sweep.methods
+            for strength in cfg.sweep.strengths_of(method, cfg.dpo.betas) for seed in seeds]
 
 
 STAGES: list[Stage] = [
@@ -146,7 +193,7 @@ STAGES: list[Stage] = [
           done_check=_pairs_shard_done, writes_progress=False, scale_hint="raise pairs.num_shards to use more GPUs"),
     Stage("pairs_merge", ("pairs",), "pipeline.stages.pairs:merge", "pairs", "pairs", writes_progress=False,
           needs_gpu=False),
-    Stage("dpo", ("pairs_merge",), "pipeline.stages.dpo:run", "dpo", "dpo", tasks=dpo_arms, task_type=Arm,
+    Stage("dpo", ("pairs_merge",), "pipeline.stages.dpo:run", "dpo", "dpo", tasks=sweep_arms, task_type=Arm,
           multi_process=True),
     Stage("eval", ("dpo",), "pipeline.stages.eval:run", "eval", "eval", scale_hint="eval runs one process"),
 ]

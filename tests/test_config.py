@@ -60,7 +60,8 @@ def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     (["data.dataset=./no/such/file.parquet"], "data.dataset", "does not exist"),
     (["reward.kind=bert"], "reward.kind", "is not 'classifier' or 'vader'"),
     (["pairs.completions_per_prompt=1"], "pairs.completions_per_prompt", ">= 2"),
-    (["dpo.loss_type=nosuch"], "dpo.loss_type", "'nosuch' is not one of sigmoid, hinge, ipo,"),
+    (["sweep.methods=[nosuch]"], "sweep.methods[0]", "'nosuch' is not a method; choose from dpo, ipo, robust, hinge"),
+    (["dpo.loss_type=ipo"], "dpo: unknown key(s) loss_type", "dpo.loss_type was replaced by sweep.methods"),
     (["sft.lr_scheduler=cosine_annealing"], "sft.lr_scheduler", "is not one of linear, cosine,"),
     (["dpo.lr_scheduler=reduce_lr_on_plateau"], "dpo.lr_scheduler", "is not one of"),
     (["model.dtype=fp8"], "model.dtype", "'fp8' is not one of auto, float32, bfloat16, float16"),
@@ -101,8 +102,8 @@ def test_valid_choices_follow_the_libraries():
         resolve_config("tiny", sets=["dpo.optimizer=rms"])
     for loss in DPO_LOSS_TYPES:
         TRLDPOConfig(output_dir="/tmp/unused", loss_type=[loss], use_cpu=True, report_to=[])
-    for loss in ("ipo", "robust", "hinge"):
-        assert resolve_config("tiny", sets=[f"dpo.loss_type={loss}"]).dpo.loss_type == loss
+    for method in ("ipo", "robust", "hinge"):
+        assert resolve_config("tiny", sets=[f"sweep.methods=[{method}]"]).sweep.methods == [method]
 
 
 def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path):
@@ -131,7 +132,7 @@ def test_set_needs_key_and_value():
     (["--set", "dpo.betas=[-1]"], "dpo.betas[0]: beta=-1.0 must be > 0"),
     (["--set", "sft.epochs=x"], "sft.epochs: expected a number"),
     (["--set", "data.dataset=/nope/imdb.jsonl"], "data.dataset: /nope/imdb.jsonl does not exist"),
-    (["--set", "dpo.loss_type=nosuch"], "dpo.loss_type: 'nosuch' is not one of sigmoid"),
+    (["--set", "dpo.loss_type=ipo"], "dpo: unknown key(s) loss_type; dpo.loss_type was replaced by sweep.methods"),
     (["--set", "tiny.x=1"], "error: unknown top-level key(s) tiny; valid sections:"),
     (["--until", "nosuch"], "--until 'nosuch': unknown stage; choose one of sft, pairs, pairs_merge, dpo, eval"),
     (["--set", "model.name=./no/such/model"], "model.name: ./no/such/model is not an existing directory"),
@@ -188,7 +189,7 @@ def test_dpo_paper_preset_is_the_papers_imdb_recipe():
     per_step = cfg.dpo.batch_size * cfg.dpo.grad_accum * cfg.slurm.dpo.nodes * max(1, cfg.slurm.dpo.gpus_per_node)
     assert per_step == 64 and math.ceil(pairs * cfg.dpo.epochs / per_step) == 2344
     assert (cfg.dpo.optimizer, cfg.dpo.learning_rate, cfg.dpo.warmup_steps) == ("rmsprop", 1e-6, 150)
-    assert 0.1 in cfg.dpo.betas and cfg.dpo.loss_type == "sigmoid" and not cfg.dpo.group_by_length
+    assert 0.1 in cfg.dpo.betas and cfg.sweep.methods == ["dpo"] and not cfg.dpo.group_by_length
     assert cfg.sft.epochs == 1.0 and not cfg.sft.packing
 
 

@@ -294,7 +294,8 @@ def test_frontier_carries_standard_errors_also_for_results_cached_without_them(t
 
     rows = list(csv.DictReader(io.StringIO(frontier_csv([cached_sft, dpo]))))
     assert FRONTIER_COLUMNS[:6] == ["policy", "beta", "step", "reward", "kl", "n"]  # old columns first, in order
-    assert list(rows[0]) == FRONTIER_COLUMNS[:6] + ["reward_stderr", "kl_stderr"]
+    assert FRONTIER_COLUMNS[6:8] == ["reward_stderr", "kl_stderr"]  # then the arm's method, strength, seed
+    assert list(rows[0]) == FRONTIER_COLUMNS and rows[1]["method"] == "dpo" and rows[1]["strength"] == "0.1"
     assert float(rows[0]["reward_stderr"]) == pytest.approx(expected_reward_stderr, abs=1e-6)
     assert (float(rows[1]["reward_stderr"]), float(rows[1]["kl_stderr"])) == (0.05, 0.25)
 

@@ -18,7 +18,9 @@ def test_run_leaves_the_frontier_plot_and_report(tiny_run):
     for name in ("frontier.csv", "frontier.png", "report.md", "DONE.json"):
         assert (tiny_run / "eval" / name).is_file(), name
     rows = frontier(tiny_run)
-    assert list(rows[0]) == ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr"]
+    assert list(rows[0]) == ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr",
+                             "method", "strength", "seed"]
+    assert {(r["method"], r["strength"] == r["beta"], r["seed"]) for r in rows[1:]} == {("dpo", True, "0")}
     assert all(float(r["reward_stderr"]) >= 0 and float(r["kl_stderr"]) >= 0 for r in rows)
     sft = [r for r in rows if r["policy"] == "sft"]
     # the noise floor, KL(sampler || scorer) of the SFT model: measured, and tiny in float32 (the

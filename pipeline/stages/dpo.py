@@ -1,4 +1,5 @@
-"""Stage 3: DPO (TRL DPOTrainer) for one sweep arm (a beta); the sweep is one independent call per arm.
+"""Stage 3: preference tuning (TRL DPOTrainer) for one sweep arm: a method (a TRL pairwise loss), its
+strength (TRL's beta) and a seed; the sweep is one independent call per arm.
 
 Policy and reference both start from the SFT model (as in the seed report).
 """
@@ -8,19 +9,33 @@ from functools import partial
 
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout
-from pipeline.registry import Arm, dpo_arms
+from pipeline.methods import METHODS
+from pipeline.registry import Arm, sweep_arms
 from pipeline.training import BuiltTrainer, TrainingSetup, is_eval_checkpoint, run_training_stage
 
 
+def trl_config(cfg: PipelineConfig, arm: Arm, trainer_kwargs: dict):
+    """TRL's DPOConfig for one arm: the shared trainer arguments, the method's loss (and its options),
+    the strength as beta, and the arm's seed (when it has one) as the Trainer's seed and data order."""
+    from trl import DPOConfig
+
+    method = METHODS[arm.method]
+    seed = arm.training_seed(cfg.seed)
+    kwargs = {**trainer_kwargs, "seed": seed, "data_seed": seed}
+    return DPOConfig(**kwargs, beta=arm.beta, loss_type=[method.loss_type], **method.trl_options(cfg),
+                     precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
+
+
 def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
-    if arm not in dpo_arms(cfg):
-        raise ValueError(f"dpo: beta={arm.beta} is not in dpo.betas={cfg.dpo.betas}")
+    arms = sweep_arms(cfg)
+    if arm not in arms:
+        raise ValueError(f"dpo: task {arm.key} is not an arm of this run's sweep; its arms: "
+                         f"{', '.join(a.key for a in arms)}")
     if not layout.is_done("pairs") and not layout.is_done("dpo", arm):
         raise RuntimeError(f"dpo: {layout.done_path('pairs')} is missing; run the pairs stage first")
 
     def build(setup: TrainingSetup) -> BuiltTrainer:
         from datasets import Dataset
-        from trl import DPOConfig
 
         from pipeline.batching import dpo_trainer_class
         from pipeline.models import MASTER_WEIGHTS, load_model, load_tokenizer
@@ -36,14 +51,15 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
         # log-ratios start at exactly 0.
         ref_model = (None if cfg.dpo.precompute_ref_log_probs
                      else load_model(layout.sft_model, setup.device, MASTER_WEIGHTS))
-        args = DPOConfig(**setup.trainer_kwargs, beta=arm.beta, loss_type=[cfg.dpo.loss_type],
-                         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
+        args = trl_config(cfg, arm, setup.trainer_kwargs)
         trainer = dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=pairs,
                                       processing_class=tokenizer, callbacks=setup.callbacks)
         return BuiltTrainer(trainer, tokenizer, {"sft_model": str(layout.sft_model), "pairs": str(layout.pairs_file),
                                                  "num_pairs": len(pairs)})
 
+    method = METHODS[arm.method]
     return run_training_stage(cfg, layout, directory="dpo", task=arm, train=cfg.dpo, wandb_key=f"dpo-{arm.tag}",
                               build=build, keep_weights=partial(is_eval_checkpoint, save_steps=cfg.dpo.save_steps),
                               metric_prefixes=("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss"),
-                              extra={"beta": arm.beta})
+                              extra={"beta": arm.beta, "method": arm.method, "loss_type": method.loss_type,
+                                     **method.trl_options(cfg), "seed": arm.training_seed(cfg.seed), "arm": arm.key})

@@ -12,6 +12,11 @@ would be 0 by construction.) Each DPO result also stores its own sampler mismatc
 (`sampler_mismatch`, same estimator). A result whose samples were restored from partial files
 written before `sampler_logp` existed gets NaN there (report: "not measured"). Reward and KL carry
 standard errors. Each policy's result is its own file, so a restarted eval resumes per checkpoint.
+
+Every arm of the sweep (method, strength, seed) is evaluated at each of its eval checkpoints. The
+frontier plot draws one series per (method, strength): with one seed its points are the checkpoints'
+own estimates (± one standard error over samples); with several seeds a point is the mean over the
+seeds at that step and its bars are one standard error over seeds (`seed_means`).
 """
 from __future__ import annotations
 
@@ -28,9 +33,14 @@ from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_manifest
 from pipeline.progress import ProgressFile
-from pipeline.registry import dpo_arms
+from pipeline.methods import DEFAULT_METHOD, METHODS
+from pipeline.registry import sweep_arms
 
-FRONTIER_COLUMNS = ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr"]
+# policy: sft or dpo (the stage that trained it); method/strength/seed identify a DPO row's arm
+# (strength = beta, the column old readers use); appended, so the old columns keep their places.
+FRONTIER_COLUMNS = ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr",
+                    "method", "strength", "seed"]
+SEED_MEAN_COLUMNS = ["method", "strength", "step", "seeds", "reward", "reward_stderr", "kl", "kl_stderr"]
 
 
 @dataclass
@@ -40,6 +50,13 @@ class Policy:
     beta: float | None
     step: int
     path: Path
+    method: str | None = None  # DPO policies: the arm's method, training seed and tag
+    seed: int | None = None
+    arm: str | None = None
+
+    def identity(self) -> dict:
+        """What a result records of its arm (results cached before it was recorded get it from here)."""
+        return {"method": self.method, "seed": self.seed, "arm": self.arm}
 
 
 def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
@@ -47,16 +64,17 @@ def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
     from pipeline.training import complete_checkpoints, is_eval_checkpoint
 
     policies = [Policy("sft", "sft", None, 0, layout.sft_model)]
-    for arm in dpo_arms(cfg):
+    for arm in sweep_arms(cfg):
         manifest = read_json(layout.done_path("dpo", arm))
         if manifest is None:
             raise RuntimeError(f"eval: DPO {arm.tag} is not finished ({layout.done_path('dpo', arm)} missing)")
         final_step = manifest["metrics"]["global_step"]
+        identity = {"method": arm.method, "seed": arm.training_seed(cfg.seed), "arm": arm.tag}
         for step, path in complete_checkpoints(layout.checkpoints_dir("dpo", arm)):
             if step != final_step and is_eval_checkpoint(step, cfg.dpo.save_steps):
-                policies.append(Policy(f"dpo-{arm.tag}-step{step}", "dpo", arm.beta, step, path))
+                policies.append(Policy(f"dpo-{arm.tag}-step{step}", "dpo", arm.beta, step, path, **identity))
         policies.append(Policy(f"dpo-{arm.tag}-step{final_step}", "dpo", arm.beta, final_step,
-                               layout.final_model("dpo", arm)))
+                               layout.final_model("dpo", arm), **identity))
     return policies
 
 
@@ -122,11 +140,23 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
     fixed = set(cfg.eval.fixed_prompts)
     examples = [{"prompt": g[0].prompt, "completion": g[0].completion, "reward": rewards[i * ev.samples_per_prompt]}
                 for i, g in enumerate(groups) if g[0].prompt in fixed]
-    return {"policy": policy.kind, "id": policy.id, "beta": policy.beta, "step": policy.step, "reward": mean_reward,
+    return {"policy": policy.kind, "id": policy.id, "beta": policy.beta, **policy.identity(), "step": policy.step,
+            "reward": mean_reward,
             "reward_std": reward_std, "reward_stderr": stderr_from_population_std(reward_std, n), "kl": kl,
             "kl_stderr": kl_stderr, "kl_tokenwise": kl_tokenwise, "sampler_mismatch": mismatch,
             "sampler_mismatch_stderr": mismatch_stderr, "n": n,
             "mean_completion_tokens": sum(len(s.completion_ids) for s in flat) / n, "examples": examples}
+
+
+def method_of(result: dict) -> str | None:
+    """A row's method: None for SFT; results written before methods existed were DPO."""
+    return None if result["policy"] == "sft" else (result.get("method") or DEFAULT_METHOD)
+
+
+def arm_label(method: str, strength: float) -> str:
+    """'DPO β=0.1', 'IPO τ=0.5'."""
+    spec = METHODS.get(method)
+    return f"{spec.label} {spec.symbol}={strength:g}" if spec else f"{method} β={strength:g}"
 
 
 def frontier_csv(results: list[dict]) -> str:
@@ -134,9 +164,63 @@ def frontier_csv(results: list[dict]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(FRONTIER_COLUMNS)
     for r in results:
-        writer.writerow([r["policy"], "" if r["beta"] is None else r["beta"], r["step"], f"{r['reward']:.6f}",
-                         f"{r['kl']:.6f}", r["n"], f"{reward_stderr(r):.6f}", f"{r['kl_stderr']:.6f}"])
+        beta = "" if r["beta"] is None else r["beta"]
+        seed = r.get("seed")
+        writer.writerow([r["policy"], beta, r["step"], f"{r['reward']:.6f}", f"{r['kl']:.6f}", r["n"],
+                         f"{reward_stderr(r):.6f}", f"{r['kl_stderr']:.6f}", method_of(r) or "", beta,
+                         "" if seed is None else seed])
     return buffer.getvalue()
+
+
+def _mean_and_stderr_over(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample std, divisor k - 1, over sqrt(k)) of k >= 2 values."""
+    k = len(values)
+    mean = sum(values) / k
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)) / math.sqrt(k)
+
+
+def seed_means(results: list[dict]) -> list[dict]:
+    """One row per (method, strength, step) of the DPO results, in the order the series first appear.
+
+    Over the k seeds that reached the step: reward and KL are their means and the standard errors are
+    over seeds (sample std over sqrt(k); each seed's estimate carries its own sampling noise, so this
+    covers both). With k = 1 the one result's own standard errors (over samples) are kept.
+    """
+    groups: dict[tuple, dict[int, list[dict]]] = {}
+    for r in results:
+        if r["policy"] == "sft":
+            continue
+        groups.setdefault((method_of(r), r["beta"]), {}).setdefault(r["step"], []).append(r)
+    rows = []
+    for (method, strength), by_step in groups.items():
+        for step in sorted(by_step):
+            runs = by_step[step]
+            if len(runs) == 1:
+                reward, reward_se, kl, kl_se = runs[0]["reward"], reward_stderr(runs[0]), runs[0]["kl"], runs[0]["kl_stderr"]
+            else:
+                reward, reward_se = _mean_and_stderr_over([r["reward"] for r in runs])
+                kl, kl_se = _mean_and_stderr_over([r["kl"] for r in runs])
+            rows.append({"method": method, "strength": strength, "step": step, "seeds": len(runs), "reward": reward,
+                         "reward_stderr": reward_se, "kl": kl, "kl_stderr": kl_se})
+    return rows
+
+
+def seed_means_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SEED_MEAN_COLUMNS)
+    for r in rows:
+        writer.writerow([r["method"], r["strength"], r["step"], r["seeds"], f"{r['reward']:.6f}",
+                         f"{r['reward_stderr']:.6f}", f"{r['kl']:.6f}", f"{r['kl_stderr']:.6f}"])
+    return buffer.getvalue()
+
+
+def several_seeds(results: list[dict]) -> bool:
+    """Whether the DPO rows come from more than one training seed."""
+    return len({r.get("seed") for r in results if r["policy"] != "sft"}) > 1
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def plot_frontier(results: list[dict], path: Path) -> None:
@@ -151,9 +235,16 @@ def plot_frontier(results: list[dict], path: Path) -> None:
                     fmt=fmt, capsize=2, elinewidth=0.8, **style)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for beta in sorted({r["beta"] for r in results if r["policy"] == "dpo"}):
-        errorbar(sorted((r for r in results if r["beta"] == beta), key=lambda r: r["step"]), "o-", ms=4,
-                 label=f"DPO β={beta:g}")
+    means = seed_means(results)
+    series = list(dict.fromkeys((r["method"], r["strength"]) for r in means))
+    methods = list(dict.fromkeys(method for method, _ in series))
+    colours = plt.get_cmap("tab20" if len(series) > 10 else "tab10").colors
+    for index, (method, strength) in enumerate(series):
+        points = [r for r in means if (r["method"], r["strength"]) == (method, strength)]
+        seeds = max(r["seeds"] for r in points)
+        marker = MARKERS[methods.index(method) % len(MARKERS)]
+        errorbar(points, f"{marker}-", ms=4, color=colours[index % len(colours)],
+                 label=arm_label(method, strength) + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     sft = next(r for r in results if r["policy"] == "sft")
     if math.isnan(sft["kl"]):  # restored samples without sampler log-probs: drawn at 0, hollow
         ax.plot([0.0], [sft["reward"]], "k*", ms=14, mfc="none", label="SFT (reference; noise floor not measured)")
@@ -161,9 +252,12 @@ def plot_frontier(results: list[dict], path: Path) -> None:
         errorbar([sft], "k*", ms=14, label="SFT (reference; KL = noise floor: sampler ‖ scorer)")
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence")
     ax.set_ylabel("mean sentiment reward P(positive)")
-    ax.set_title("Reward vs KL: SFT and every DPO checkpoint (±1 s.e.)")
+    only_dpo = methods in ([], [DEFAULT_METHOD])
+    what = "every DPO checkpoint" if only_dpo else "every checkpoint of each method"
+    bars = "±1 s.e. over seeds" if any(r["seeds"] > 1 for r in means) else "±1 s.e."
+    ax.set_title(f"Reward vs KL: SFT and {what} ({bars})", fontsize=None if only_dpo else 10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(series) > 6 else None)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
@@ -172,16 +266,28 @@ def plot_frontier(results: list[dict], path: Path) -> None:
 
 
 def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: list[tuple[str, str]] = ()) -> str:
+    """The frontier table (policy = sft or the DPO row's method; a seed column when seeds vary), the
+    means over seeds when there are several, the noise floor, training curves and samples."""
+    seeded = several_seeds(results)
     lines = [f"# DPO reward vs KL — run `{cfg.name}`", "",
              f"Model `{cfg.model.name}`, reward `{cfg.reward.kind}`, {results[0]['n']} samples per policy "
              f"({cfg.eval.num_prompts} prompts × {cfg.eval.samples_per_prompt}).", "",
              "![frontier](frontier.png)", "",
-             "| policy | β | step | reward | KL | n |", "|---|---|---|---|---|---|"]
+             f"| policy | β |{' seed |' if seeded else ''} step | reward | KL | n |",
+             f"|---|---|{'---|' if seeded else ''}---|---|---|---|"]
     for r in results:
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
+        seed = "" if r.get("seed") is None else r["seed"]
         kl = "n/a" if math.isnan(r["kl"]) else f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}"
-        lines.append(f"| {r['policy']} | {beta} | {r['step']} | {r['reward']:.3f} ± {reward_stderr(r):.3f} "
-                     f"| {kl} | {r['n']} |")
+        lines.append(f"| {method_of(r) or r['policy']} | {beta} |{f' {seed} |' if seeded else ''} {r['step']} "
+                     f"| {r['reward']:.3f} ± {reward_stderr(r):.3f} | {kl} | {r['n']} |")
+    if seeded:
+        lines += ["", "Mean over seeds (as plotted; ± one standard error over the seeds, `frontier_seeds.csv`):", "",
+                  "| method | β | step | seeds | reward | KL |", "|---|---|---|---|---|---|"]
+        for m in seed_means(results):
+            kl = "n/a" if math.isnan(m["kl"]) else f"{m['kl']:.2f} ± {m['kl_stderr']:.2f}"
+            lines.append(f"| {m['method']} | {m['strength']:g} | {m['step']} | {m['seeds']} "
+                         f"| {m['reward']:.3f} ± {m['reward_stderr']:.3f} | {kl} |")
     sft = next(r for r in results if r["policy"] == "sft")
     what = ("the SFT row's KL is the noise floor of the KL measurement: for each SFT completion, the sampler's "
             "own log-probability of it (KV-cache decoding in the model's dtype, as every row is sampled) minus the "
@@ -194,7 +300,8 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
     else:
         floor = (f"**Noise floor**: {what}; here {sft['kl']:.2g} ± {sft['kl_stderr']:.2g} nats. A DPO KL that is "
                  "not clearly above it does not tell the policy apart from the reference.")
-    lines += ["", f"± is one standard error over the samples. {floor}", ""]
+    lines += ["", f"± is one standard error over the samples{' (in the means: over the seeds)' if seeded else ''}. "
+              f"{floor}", ""]
     if training_curves:
         lines += ["## Training curves", "",
                   "From the trainer logs kept in the run directory (`sft/metrics.jsonl`, `dpo/<arm>/metrics.jsonl`).", ""]
@@ -202,10 +309,17 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
             lines += [f"### {title}", "", f"![{title}]({png})", ""]
     lines += ["## Sample generations", ""]
     finals = [r for r in results if r["policy"] == "sft"]
-    for beta in sorted({r["beta"] for r in results if r["policy"] == "dpo"}):
-        finals.append(max((r for r in results if r["beta"] == beta), key=lambda r: r["step"]))
+    for arm in dict.fromkeys((method_of(r), r["beta"], r.get("seed")) for r in results if r["policy"] != "sft"):
+        finals.append(max((r for r in results if (method_of(r), r["beta"], r.get("seed")) == arm),
+                          key=lambda r: r["step"]))
     for r in finals:
-        title = "SFT" if r["policy"] == "sft" else f"DPO β = {r['beta']:g} (step {r['step']})"
+        if r["policy"] == "sft":
+            title = "SFT"
+        else:
+            method = METHODS.get(method_of(r))
+            name = f"{method.label} {method.symbol}" if method else f"{method_of(r)} β"
+            seed = f", seed {r['seed']}" if seeded else ""
+            title = f"{name} = {r['beta']:g}{seed} (step {r['step']})"
         lines += [f"### {title}", ""]
         for ex in r["examples"]:
             lines += [f"**Prompt:** “{ex['prompt']}”  ", f"**Generation** (reward {ex['reward']:.2f}): "
@@ -252,19 +366,21 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
                 result = evaluate_policy(cfg, policy, model, ref_model, tokenizer, reward, prompts, partial)
                 atomic_write_json(out, result)
                 shutil.rmtree(partial, ignore_errors=True)
-            results.append(result)
+            results.append({**result, **policy.identity()} if policy.kind != "sft" else result)
             progress.update(step=index + 1, total_steps=len(policies))
     except interrupt.StageInterrupted as stop:  # saved per policy and per sampling batch; rerunning resumes
         progress.stopped(stop.reason, len(results))
         raise
     atomic_write_text(layout.frontier_csv, frontier_csv(results))
+    if several_seeds(results):
+        atomic_write_text(layout.frontier_seeds_csv, seed_means_csv(seed_means(results)))
     plot_frontier(results, layout.frontier_png)
     from pipeline.curves import draw_training_curves
 
     atomic_write_text(layout.report, report_markdown(cfg, results, draw_training_curves(cfg, layout)))
     sft = results[0]
-    finals = {arm.tag: max((r for r in results if r["beta"] == arm.beta), key=lambda r: r["step"])
-              for arm in dpo_arms(cfg)}
+    finals = {arm.tag: max((r for r in results if r.get("arm") == arm.tag), key=lambda r: r["step"])
+              for arm in sweep_arms(cfg)}
     metrics = {"sft/reward": sft["reward"], "sft/kl_noise_floor": sft["kl"],
                **{f"dpo/{tag}/reward": r["reward"] for tag, r in finals.items()},
                **{f"dpo/{tag}/kl": r["kl"] for tag, r in finals.items()},

@@ -1,0 +1,61 @@
+"""The preference-tuning methods a sweep arm can use: one declaration per method.
+
+A method is what `sweep.methods` names and what an arm's key starts with. Today every method is a
+pairwise loss of TRL's DPOTrainer (one `DPOConfig.loss_type`), trained by the dpo stage from the
+same pairs; the arm's strength is TRL's `beta` for all of them (what it scales differs per loss,
+see `about`). Adding a pairwise loss is one `Method(...)` line below; a method needing more of
+TRL's options says so in `trl_options` (and what it needs of the config in `check`).
+
+Import-light on purpose (no torch, no TRL): the config and the registry read this table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+def _no_options(cfg: Any) -> dict:
+    return {}
+
+
+def _no_check(cfg: Any) -> tuple[str, str] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                 # in sweep.methods, sweep.strengths, arm keys and tags
+    label: str                # in plots and the report
+    loss_type: str            # TRL DPOConfig.loss_type
+    about: str                # one line: what it optimises and what its strength means
+    symbol: str = "β"         # the strength's name in plots and the report
+    trl_options: Callable[[Any], dict] = _no_options  # further DPOConfig arguments, from the run config
+    check: Callable[[Any], tuple[str, str] | None] = _no_check  # (field, fix) when the run config cannot train it
+
+
+def _robust_options(cfg: Any) -> dict:
+    return {"label_smoothing": cfg.dpo.label_smoothing}
+
+
+def _robust_check(cfg: Any) -> tuple[str, str] | None:
+    if not 0 < cfg.dpo.label_smoothing < 0.5:
+        return ("dpo.label_smoothing", f"is {cfg.dpo.label_smoothing}; the robust method needs the assumed "
+                                       "label-flip rate in (0, 0.5), e.g. 0.1 (at 0 it is plain DPO)")
+    return None
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("dpo", "DPO", "sigmoid",
+           "DPO (Rafailov et al. 2023), TRL's sigmoid loss; the strength beta scales the implicit KL penalty"),
+    Method("ipo", "IPO", "ipo",
+           "IPO (Azar et al. 2023): squared loss towards a log-ratio margin of 1/(2 tau), per completion token in "
+           "TRL; the strength is tau (larger = closer to the reference)", symbol="τ"),
+    Method("robust", "rDPO", "robust",
+           "robust DPO (Chowdhury et al. 2024), the conservative DPO loss unbiased for preference labels flipped "
+           "with probability dpo.label_smoothing; the strength is beta as for DPO",
+           trl_options=_robust_options, check=_robust_check),
+    Method("hinge", "hinge", "hinge",
+           "hinge loss (SLiC, Zhao et al. 2023) on the beta-scaled log-ratio margin; 1/beta is the margin asked "
+           "for, in nats per sequence"),
+)}
+DEFAULT_METHOD = "dpo"  # its arms keep the beta-only keys and tags of runs made before the sweep had methods
