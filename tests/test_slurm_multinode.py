@@ -76,6 +76,11 @@ def test_two_nodes_survive_a_time_limit_then_continue_on_one_node(tiny_run, tmp_
     stopped_at = on_two["step"]
     assert on_two["status"] == "interrupted" and on_two["stop_reason"] == "timeout"
     assert on_two["last_checkpoint"] == f"checkpoint-{stopped_at}"  # saved at the stop, not before it
+    # the stop-save was timed on the cluster; status warns exactly when it used over half of SLURM's warning time
+    row = next(r for r in json.loads(launch("status", "--run-dir", str(run_dir), "--json").stdout) if r["stage"] == "dpo")
+    saved = json.loads((stage_dir / "checkpoints" / f"checkpoint-{stopped_at}" / "COMPLETE.json").read_text())
+    assert row["stop_save_s"] == on_two["stop_save_s"] == saved["save_s"] > 0 and saved["reason"] == "timeout"
+    assert bool(row["warnings"]) == (row["stop_save_s"] > SHORT_LIMIT["signal_lead_s"] / 2), row
 
     # 2. resubmitted on 1 node (fewer nodes are free): the same step, one process, a universal checkpoint
     proc = launch("resume", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo",
