@@ -72,7 +72,7 @@ TINY = {
               for section in ("sft", "pairs", "dpo", "eval")},
 }
 
-# tiny's pipeline with every pairwise method of `pipeline.methods`, two seeds each, and shorter arms
+# tiny's pipeline with every method of `pipeline.methods`, two seeds each, and shorter arms
 # (80 prompts -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 14 arms stay minutes on a CPU.
 # Strengths are TRL's beta for all four losses, but what it scales differs, so each method gets values
 # that ask for comparable log-ratio margins on these ~40-token completions:
@@ -83,16 +83,19 @@ TINY = {
 # - ipo: TRL's IPO regresses the margin *per completion token* onto 1/(2 tau): tau 0.5 -> 1 nat per token
 #   (~40 per sequence, near dpo 0.1's end), tau 5 -> 0.1 per token (~4, near dpo 1.0's). IPO's tau is on
 #   another scale than DPO's beta: at tau 0.1 it would ask for 5 nats per token (~200 per sequence).
+# - rloo (online, the reward itself): beta 0.05 is the KL coefficient of reward - beta * KL (TRL's default);
+#   80 prompts x 4 completions in batches of 16 -> 20 steps, completions of 40 tokens as in pairs.
 TINY_METHODS = deep_merge(deep_merge({}, TINY), {
     "name": "tiny-methods",
     "pairs": {"num_prompts": 80},
     "dpo": {"betas": [0.1, 1.0], "save_steps": 10},
-    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge"], "strengths": {"ipo": [0.5, 5.0], "robust": [0.1]},
-              "seeds": [0, 1]},
+    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge", "rloo"],
+              "strengths": {"ipo": [0.5, 5.0], "robust": [0.1], "rloo": [0.05]}, "seeds": [0, 1]},
+    "online": {"max_new_tokens": 40},
 })
 
 PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
-PRESET_HELP = {"tiny": "CPU, minutes, offline", "tiny-methods": "tiny with DPO, IPO, robust DPO and hinge, 2 seeds",
+PRESET_HELP = {"tiny": "CPU, minutes, offline", "tiny-methods": "tiny with DPO, IPO, robust DPO, hinge and RLOO, 2 seeds",
                "gpt2-large": "the seed experiment", "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 

@@ -255,6 +255,24 @@ class SweepConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """The online method (sweep.methods: rloo): what it samples while training. Its optimiser and steps
+    are the dpo section's (its batch_size counts completions: batch_size / num_generations prompts)."""
+    num_generations: int = doc("Completions sampled per prompt at each step; each is scored against the mean "
+                               "reward of the others (RLOO's leave-one-out baseline).", 4)
+    max_new_tokens: int = doc("Completion length cap while training, in tokens.", 64)
+    temperature: float = doc("Sampling temperature while training.", 1.0)
+    learning_rate: float | None = doc("Learning rate of online arms (null = dpo.learning_rate).", None)
+
+    def __post_init__(self):
+        _check(self.num_generations >= 2, "online.num_generations", "must be >= 2 (the baseline leaves one out)")
+        _check(self.max_new_tokens >= 1, "online.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "online.temperature", "must be > 0")
+        if self.learning_rate is not None:
+            _check(self.learning_rate > 0, "online.learning_rate", "must be > 0 or null")
+
+
+@dataclass
 class EvalConfig:
     num_prompts: int = doc("Held-out eval prompts (disjoint from pair prompts); the seed's three prompts "
                            "are always included.", 100)
@@ -335,6 +353,7 @@ class PipelineConfig:
     pairs: PairsConfig = doc("Preference-pair stage.", factory=PairsConfig)
     dpo: DPOConfig = doc("DPO stage (one run per sweep arm).", factory=DPOConfig)
     sweep: SweepConfig = doc("The DPO stage's arms: methods x strengths x seeds.", factory=SweepConfig)
+    online: OnlineConfig = doc("The online method's sampling (sweep.methods: rloo).", factory=OnlineConfig)
     eval: EvalConfig = doc("Reward-vs-KL evaluation stage.", factory=EvalConfig)
     wandb: WandbConfig = doc("Experiment tracking.", factory=WandbConfig)
     hub: HubConfig = doc("Hub downloads (prefetched on the login node; jobs run offline).", factory=HubConfig)
@@ -357,6 +376,7 @@ class PipelineConfig:
         context, prompt = self.model.n_positions, self.data.prompt_max_tokens
         needs = {"pairs.max_new_tokens": prompt + self.pairs.max_new_tokens,
                  "eval.max_new_tokens": prompt + self.eval.max_new_tokens,
+                 "online.max_new_tokens": prompt + self.online.max_new_tokens,
                  "sft.max_length": self.sft.max_length, "dpo.max_length": self.dpo.max_length}
         for field, tokens in needs.items():
             _check(tokens <= context, field, f"needs {tokens} tokens (prompt included), more than the tiny model's "

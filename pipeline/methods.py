@@ -1,8 +1,8 @@
 """The preference-tuning methods a sweep arm can use: one declaration per method.
 
-A method is what `sweep.methods` names and what an arm's key starts with. Today every method is a
-pairwise loss of TRL's DPOTrainer (one `DPOConfig.loss_type`), trained by the dpo stage from the
-same pairs; the arm's strength is TRL's `beta` for all of them (what it scales differs per loss,
+A method is what `sweep.methods` names and what an arm's key starts with. The dpo stage trains
+every arm: a pairwise loss of TRL's DPOTrainer (one `DPOConfig.loss_type`) from the pairs, or
+online (TRL's RLOOTrainer) from the pair prompts and the reward itself; the arm's strength is TRL's `beta` for all of them (what it scales differs per loss,
 see `about`). Adding a pairwise loss is one `Method(...)` line below; a method needing more of
 TRL's options says so in `trl_options` (and what it needs of the config in `check`).
 
@@ -31,6 +31,7 @@ class Method:
     symbol: str = "β"         # the strength's name in plots and the report
     trl_options: Callable[[Any], dict] = _no_options  # further DPOConfig arguments, from the run config
     check: Callable[[Any], tuple[str, str] | None] = _no_check  # (field, fix) when the run config cannot train it
+    trainer: str = "pairwise"  # pairwise: TRL DPOTrainer on the pairs; online: TRL RLOOTrainer on the reward itself
 
 
 def _robust_options(cfg: Any) -> dict:
@@ -41,6 +42,14 @@ def _robust_check(cfg: Any) -> tuple[str, str] | None:
     if not 0 < cfg.dpo.label_smoothing < 0.5:
         return ("dpo.label_smoothing", f"is {cfg.dpo.label_smoothing}; the robust method needs the assumed "
                                        "label-flip rate in (0, 0.5), e.g. 0.1 (at 0 it is plain DPO)")
+    return None
+
+
+def _online_check(cfg: Any) -> tuple[str, str] | None:
+    if cfg.dpo.batch_size % cfg.online.num_generations:
+        return ("dpo.batch_size", f"is {cfg.dpo.batch_size}; the online method samples online.num_generations="
+                                  f"{cfg.online.num_generations} completions per prompt into each batch, so the batch "
+                                  "size must be a multiple of it")
     return None
 
 
@@ -57,5 +66,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hinge", "hinge", "hinge",
            "hinge loss (SLiC, Zhao et al. 2023) on the beta-scaled log-ratio margin; 1/beta is the margin asked "
            "for, in nats per sequence"),
+    Method("rloo", "RLOO (true reward)", "",
+           "online RL with the ground-truth reward (the DPO paper's PPO-GT analogue): TRL's RLOO samples "
+           "online.num_generations completions per pair prompt from the policy, scores them with the run's reward "
+           "and maximises reward - beta * KL(policy || SFT) per sequence; the strength is beta",
+           check=_online_check, trainer="online"),
 )}
 DEFAULT_METHOD = "dpo"  # its arms keep the beta-only keys and tags of runs made before the sweep had methods

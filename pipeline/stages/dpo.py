@@ -26,6 +26,28 @@ def trl_config(cfg: PipelineConfig, arm: Arm, trainer_kwargs: dict):
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
 
 
+def rloo_config(cfg: PipelineConfig, arm: Arm, trainer_kwargs: dict):
+    """TRL's RLOOConfig for an online arm: the shared trainer arguments (less the pairwise-only ones), the
+    strength as the KL coefficient beta, and online sampling. Dropout off: RLOO's importance ratio
+    compares two forward passes of the same completions, and dropout makes it noise."""
+    from trl import RLOOConfig
+
+    seed = arm.training_seed(cfg.seed)
+    kwargs = {k: v for k, v in trainer_kwargs.items() if k not in ("max_length", "pad_to_multiple_of")}
+    kwargs.update(seed=seed, data_seed=seed, learning_rate=cfg.online.learning_rate or kwargs["learning_rate"])
+    return RLOOConfig(**kwargs, beta=arm.beta, num_generations=cfg.online.num_generations,
+                      max_completion_length=cfg.online.max_new_tokens, temperature=cfg.online.temperature,
+                      disable_dropout=True)
+
+
+def reward_function(reward):
+    """TRL's reward-function form of the run's reward: the score of prompt + completion, as the pairs
+    and eval stages score it. Named after what it is, for TRL's `rewards/<name>/mean` metric."""
+    def sentiment(prompts: list[str], completions: list[str], **_) -> list[float]:
+        return list(reward([p + c for p, c in zip(prompts, completions)]))
+    return sentiment
+
+
 def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
     arms = sweep_arms(cfg)
     if arm not in arms:
@@ -57,9 +79,30 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
         return BuiltTrainer(trainer, tokenizer, {"sft_model": str(layout.sft_model), "pairs": str(layout.pairs_file),
                                                  "num_pairs": len(pairs)})
 
+    def build_online(setup: TrainingSetup) -> BuiltTrainer:
+        from datasets import Dataset
+
+        from pipeline.layout import read_jsonl
+        from pipeline.models import load_tokenizer
+        from pipeline.reward import make_reward
+        from trl import RLOOTrainer
+
+        prompts = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(layout.pair_prompts)])
+        tokenizer = load_tokenizer(layout.sft_model)
+        args = rloo_config(cfg, arm, setup.trainer_kwargs)
+        # the model is given by its directory: TRL loads the KL reference from the same path (an in-memory
+        # model would make it load whatever `_name_or_path` says, e.g. the base model)
+        trainer = RLOOTrainer(model=str(layout.sft_model), reward_funcs=[reward_function(make_reward(cfg.reward,
+                              setup.device))], args=args, train_dataset=prompts, processing_class=tokenizer,
+                              callbacks=setup.callbacks)
+        return BuiltTrainer(trainer, tokenizer, {"sft_model": str(layout.sft_model),
+                                                 "prompts": str(layout.pair_prompts), "num_prompts": len(prompts)})
+
     method = METHODS[arm.method]
+    online = method.trainer == "online"
     return run_training_stage(cfg, layout, directory="dpo", task=arm, train=cfg.dpo, wandb_key=f"dpo-{arm.tag}",
-                              build=build, keep_weights=partial(is_eval_checkpoint, save_steps=cfg.dpo.save_steps),
-                              metric_prefixes=("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss"),
+                              build=build_online if online else build, keep_weights=partial(is_eval_checkpoint, save_steps=cfg.dpo.save_steps),
+                              metric_prefixes=("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss",
+                                               *(("reward", "kl", "completions/mean_length") if online else ())),
                               extra={"beta": arm.beta, "method": arm.method, "loss_type": method.loss_type,
                                      **method.trl_options(cfg), "seed": arm.training_seed(cfg.seed), "arm": arm.key})
