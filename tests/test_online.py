@@ -5,10 +5,11 @@ reward (the classifier, VADER offline) scores prompt + completion, and the KL to
 the penalty. Fast tests check what TRL is given; the slow one trains an arm and sees the reward rise.
 """
 import json
+import signal
 
 import pytest
 
-from conftest import clone_before_dpo, launch
+from conftest import clone_before_dpo, start_stage_job, wait_for_step
 from jobs.config import resolve_config
 from pipeline.registry import Arm, sweep_arms
 
@@ -50,11 +51,20 @@ def test_an_online_batch_must_hold_whole_groups_of_completions():
 
 
 @pytest.mark.slow
-def test_the_online_arm_raises_the_configured_reward_against_the_sft_reference(tiny_run, tmp_path):
+def test_the_online_arm_raises_the_configured_reward_and_resumes_where_it_stopped(tiny_run, tmp_path):
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", sweep={"methods": ["rloo"], "strengths": {"rloo": [0.05]}},
                                online={"max_new_tokens": 40})
-    launch("run", "--run-dir", str(run_dir), "--executor", "local", "--until", "dpo")
     arm_dir = run_dir / "dpo" / "rloo-beta-0.05"
+    # stopped by a time-limit warning mid-training, it saves at that step and the next attempt resumes there
+    proc = start_stage_job(run_dir, "dpo", "rloo:0.05")
+    wait_for_step(arm_dir / "progress.json", 20, proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped on request (timeout)" in out
+    stopped_at = json.loads((arm_dir / "progress.json").read_text())["step"]
+    proc = start_stage_job(run_dir, "dpo", "rloo:0.05")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
     log = [json.loads(line) for line in (arm_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = [(r["step"], r["reward"]) for r in log if "reward" in r]
     # the only reward optimised is the run's (TRL logs one entry per reward function)
@@ -64,4 +74,8 @@ def test_the_online_arm_raises_the_configured_reward_against_the_sft_reference(t
     assert last > first + 0.1, rewards  # VADER reward rises (0.53 -> 0.78 in 50 steps when written)
     manifest = json.loads((arm_dir / "DONE.json").read_text())
     assert manifest["method"] == "rloo" and manifest["inputs"]["num_prompts"] == 200
+    assert [(r["cause"], r["resumed_from_step"], r["step_before"]) for r in manifest["restarts"]] == [
+        ("timeout", stopped_at, stopped_at)]
+    steps = [r["step"] for r in log if "reward" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 50  # the resumed attempt's log continues, no step twice
     assert manifest["metrics"]["global_step"] == 200 // (16 // 4)  # 4 prompts (x 4 completions) per step
