@@ -72,8 +72,8 @@ TINY = {
               for section in ("sft", "pairs", "dpo", "eval")},
 }
 
-# tiny's pipeline with every pairwise method of `pipeline.methods`, two seeds each, and shorter arms
-# (80 prompts -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 14 arms stay minutes on a CPU.
+# tiny's pipeline with every method of `pipeline.methods`, two seeds each, and shorter arms (80 prompts
+# -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 16 trained arms stay minutes on a CPU.
 # Strengths are TRL's beta for all four losses, but what it scales differs, so each method gets values
 # that ask for comparable log-ratio margins on these ~40-token completions:
 # - dpo, robust: -log sigmoid(beta * margin) flattens once beta * margin is a few units: beta 0.1 lets the
@@ -83,16 +83,21 @@ TINY = {
 # - ipo: TRL's IPO regresses the margin *per completion token* onto 1/(2 tau): tau 0.5 -> 1 nat per token
 #   (~40 per sequence, near dpo 0.1's end), tau 5 -> 0.1 per token (~4, near dpo 1.0's). IPO's tau is on
 #   another scale than DPO's beta: at tau 0.1 it would ask for 5 nats per token (~200 per sequence).
+# - preferred_ft (SFT on the chosen completions, the DPO paper's baseline) has no strength: 2 arms.
+# - best_of_n is not trained (eval samples it from the SFT model): N in {2, 4, 8} costs 48 prompts x 4 draws
+#   x 14 samples per seed (KL analytic 0.19, 0.64, 1.20 nats; about the DPO arms' range here).
 TINY_METHODS = deep_merge(deep_merge({}, TINY), {
     "name": "tiny-methods",
     "pairs": {"num_prompts": 80},
     "dpo": {"betas": [0.1, 1.0], "save_steps": 10},
-    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge"], "strengths": {"ipo": [0.5, 5.0], "robust": [0.1]},
+    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge", "preferred_ft", "best_of_n"],
+              "strengths": {"ipo": [0.5, 5.0], "robust": [0.1], "best_of_n": [2, 4, 8]},
               "seeds": [0, 1]},
 })
 
 PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
-PRESET_HELP = {"tiny": "CPU, minutes, offline", "tiny-methods": "tiny with DPO, IPO, robust DPO and hinge, 2 seeds",
+PRESET_HELP = {"tiny": "CPU, minutes, offline",
+               "tiny-methods": "tiny with DPO, IPO, robust DPO, hinge, Preferred-FT and Best-of-N, 2 seeds",
                "gpt2-large": "the seed experiment", "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 
