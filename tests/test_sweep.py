@@ -298,7 +298,7 @@ def test_best_of_n_rows_in_the_frontier_and_the_report(tmp_path):
     cfg = SimpleNamespace(name="t", model=SimpleNamespace(name="tiny"), reward=SimpleNamespace(kind="vader"),
                           eval=SimpleNamespace(num_prompts=2, samples_per_prompt=4))
     report = report_markdown(cfg, results)
-    assert "| best_of_n | N=4 | 0 | 0.700 ± 0.010 | 0.60 ± 0.00 (analytic 0.64) | 8 |" in report
+    assert "| best_of_n | N=4 | 0 | 0.700 ± 0.010 | 0.600 ± 0.000 (analytic 0.636) | 8 |" in report
     assert "| preferred_ft |  | 30 |" in report and "### Preferred-FT (step 30)" in report
     assert "### Best-of-N N = 4 (kept sample)" in report and "**Best-of-N** (no training)" in report
     plot_frontier(results, tmp_path / "frontier.png")
