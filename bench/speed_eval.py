@@ -13,7 +13,7 @@ from bench.speed_setup import Context, model_copy, prompts
 def bench_eval(ctx: Context) -> list[dict]:
     import pipeline.sampling as sampling
     from pipeline.reward import ClassifierReward
-    from pipeline.registry import sweep_arms
+    from pipeline.registry import trained_arms
     from pipeline.stages.eval import Policy, evaluate_policy
 
     s, device = ctx.sizes, ctx.device
@@ -23,7 +23,7 @@ def bench_eval(ctx: Context) -> list[dict]:
     n_samples = len(prompt_list) * cfg.eval.samples_per_prompt
     full_samples = cfg.eval.num_prompts * cfg.eval.samples_per_prompt
     steps = math.ceil(cfg.pairs.num_prompts * math.comb(cfg.pairs.completions_per_prompt, 2) / cfg.dpo.batch_size)
-    n_policies = 1 + len(sweep_arms(cfg)) * (len(range(cfg.dpo.save_steps, steps, cfg.dpo.save_steps)) + 1)
+    n_policies = 1 + len(trained_arms(cfg)) * (len(range(cfg.dpo.save_steps, steps, cfg.dpo.save_steps)) + 1)
     rows = Rows("eval", "samples/s", device)
     settings = (f"evaluate_policy: {ctx.dtype_name(ctx.project_dtype)}, {len(prompt_list)} prompts x "
                 f"{cfg.eval.samples_per_prompt} x {cfg.eval.max_new_tokens} tokens, batch {cfg.eval.batch_size}")

@@ -72,8 +72,8 @@ TINY = {
               for section in ("sft", "pairs", "dpo", "eval")},
 }
 
-# tiny's pipeline with every method of `pipeline.methods`, two seeds each, and shorter arms
-# (80 prompts -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 14 arms stay minutes on a CPU.
+# tiny's pipeline with every method of `pipeline.methods`, two seeds each, and shorter arms (80 prompts
+# -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 18 trained arms stay minutes on a CPU.
 # Strengths are TRL's beta for all four losses, but what it scales differs, so each method gets values
 # that ask for comparable log-ratio margins on these ~40-token completions:
 # - dpo, robust: -log sigmoid(beta * margin) flattens once beta * margin is a few units: beta 0.1 lets the
@@ -85,17 +85,22 @@ TINY = {
 #   another scale than DPO's beta: at tau 0.1 it would ask for 5 nats per token (~200 per sequence).
 # - rloo (online, the reward itself): beta 0.05 is the KL coefficient of reward - beta * KL (TRL's default);
 #   80 prompts x 4 completions in batches of 16 -> 20 steps, completions of 40 tokens as in pairs.
+# - preferred_ft (SFT on the chosen completions, the DPO paper's baseline) has no strength: 2 arms.
+# - best_of_n is not trained (eval samples it from the SFT model): N in {2, 4, 8} costs 48 prompts x 4 draws
+#   x 14 samples per seed (KL analytic 0.19, 0.64, 1.20 nats; about the DPO arms' range here).
 TINY_METHODS = deep_merge(deep_merge({}, TINY), {
     "name": "tiny-methods",
     "pairs": {"num_prompts": 80},
     "dpo": {"betas": [0.1, 1.0], "save_steps": 10},
-    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge", "rloo"],
-              "strengths": {"ipo": [0.5, 5.0], "robust": [0.1], "rloo": [0.05]}, "seeds": [0, 1]},
+    "sweep": {"methods": ["dpo", "ipo", "robust", "hinge", "preferred_ft", "rloo", "best_of_n"],
+              "strengths": {"ipo": [0.5, 5.0], "robust": [0.1], "rloo": [0.05], "best_of_n": [2, 4, 8]},
+              "seeds": [0, 1]},
     "online": {"max_new_tokens": 40},
 })
 
 PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
-PRESET_HELP = {"tiny": "CPU, minutes, offline", "tiny-methods": "tiny with DPO, IPO, robust DPO, hinge and RLOO, 2 seeds",
+PRESET_HELP = {"tiny": "CPU, minutes, offline",
+               "tiny-methods": "tiny with DPO, IPO, robust DPO, hinge, Preferred-FT, RLOO and Best-of-N, 2 seeds",
                "gpt2-large": "the seed experiment", "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 

@@ -218,16 +218,18 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class SweepConfig:
-    """The DPO stage's arms: every method x its strengths x every seed, one array task each."""
-    methods: list[str] = doc("Preference-tuning methods to sweep, each a TRL pairwise loss trained from the same "
-                             "pairs: " + "; ".join(f"{m.name} = {m.about}" for m in METHODS.values()) + ".",
+    """The sweep's arms: every method x its strengths x every seed. Arms of trained methods are the DPO
+    stage's array tasks; Best-of-N arms are evaluated by the eval stage only."""
+    methods: list[str] = doc("Methods to sweep (trained ones from the same pairs, Best-of-N from the SFT model): "
+                             + "; ".join(f"{m.name} = {m.about}" for m in METHODS.values()) + ".",
                              factory=lambda: ["dpo"])
-    strengths: dict[str, list[float]] = doc("Strengths (TRL's beta) per method, e.g. {ipo: [0.5, 2.0]} or --set "
-                                            "sweep.strengths.ipo=[0.5]; a method not listed uses dpo.betas.",
-                                            factory=dict)
-    seeds: list[int] = doc("Training seeds (Trainer seed and data order): every (method, strength) is trained "
-                           "once per seed and the frontier plot shows the mean ± standard error over seeds. "
-                           "Empty = once, with the run's seed.", factory=list)
+    strengths: dict[str, list[float]] = doc("Strengths per method, e.g. {ipo: [0.5, 2.0]} or --set "
+                                            "sweep.strengths.ipo=[0.5] (TRL's beta; N for best_of_n, default "
+                                            "[4, 16]); a trained method not listed uses dpo.betas; preferred_ft "
+                                            "has none.", factory=dict)
+    seeds: list[int] = doc("Training seeds (Trainer seed and data order; Best-of-N's sampling seed): every "
+                           "(method, strength) runs once per seed and the frontier plot shows the mean ± standard "
+                           "error over seeds. Empty = once, with the run's seed.", factory=list)
 
     def __post_init__(self):
         _check(len(self.methods) >= 1, "sweep.methods", f"must list at least one method, e.g. [dpo]; methods: "
@@ -236,22 +238,35 @@ class SweepConfig:
             _check(method in METHODS, f"sweep.methods[{i}]",
                    f"{method!r} is not a method; choose from {', '.join(METHODS)}")
         _check(len(set(self.methods)) == len(self.methods), "sweep.methods", "contains duplicates")
+        _check(any(METHODS[m].trains for m in self.methods), "sweep.methods",
+               f"{self.methods} has no trained method; the pipeline trains at least one arm "
+               f"(add e.g. dpo: --set sweep.methods=[dpo,{','.join(self.methods)}])")
         for method, strengths in self.strengths.items():
             where = f"sweep.strengths.{method}"
             _check(method in self.methods, where, f"{method!r} is not in sweep.methods={self.methods}; add it there "
                                                   "or drop its strengths")
+            spec = METHODS[method]
+            _check(spec.has_strength, where, f"{spec.label} has no strength (one arm per seed); drop "
+                                             f"sweep.strengths.{method}")
             _check(len(strengths) >= 1, where, "must list at least one strength, e.g. [0.1] (or leave the method "
-                                               "out of sweep.strengths to use dpo.betas)")
+                                               "out of sweep.strengths to use its default)")
             for i, strength in enumerate(strengths):
-                _check(strength > 0, f"{where}[{i}]", f"{strength} must be > 0 (TRL's beta)")
+                problem = spec.check_strength(strength)
+                _check(problem is None, f"{where}[{i}]", problem or "")
             _check(len(set(strengths)) == len(strengths), where, "contains duplicates")
         for i, seed in enumerate(self.seeds):
             _check(seed >= 0, f"sweep.seeds[{i}]", f"{seed} must be >= 0")
         _check(len(set(self.seeds)) == len(self.seeds), "sweep.seeds", "contains duplicates")
 
-    def strengths_of(self, method: str, betas: list[float]) -> list[float]:
-        """The strengths swept for `method`: its own, else `betas` (dpo.betas)."""
-        return list(self.strengths.get(method, betas))
+    def strengths_of(self, method: str, betas: list[float]) -> list:
+        """The strengths swept for `method`: [None] for a method without one; its own; else the method's
+        default (Best-of-N's N), else `betas` (dpo.betas)."""
+        spec = METHODS[method]
+        if not spec.has_strength:
+            return [None]
+        if method in self.strengths:
+            return list(self.strengths[method])
+        return list(spec.default_strengths if spec.default_strengths is not None else betas)
 
 
 @dataclass
@@ -352,7 +367,8 @@ class PipelineConfig:
     sft: SFTConfig = doc("Supervised fine-tuning stage.", factory=SFTConfig)
     pairs: PairsConfig = doc("Preference-pair stage.", factory=PairsConfig)
     dpo: DPOConfig = doc("DPO stage (one run per sweep arm).", factory=DPOConfig)
-    sweep: SweepConfig = doc("The DPO stage's arms: methods x strengths x seeds.", factory=SweepConfig)
+    sweep: SweepConfig = doc("The sweep's arms: methods x strengths x seeds (trained arms: the DPO stage).",
+                             factory=SweepConfig)
     online: OnlineConfig = doc("The online method's sampling (sweep.methods: rloo).", factory=OnlineConfig)
     eval: EvalConfig = doc("Reward-vs-KL evaluation stage.", factory=EvalConfig)
     wandb: WandbConfig = doc("Experiment tracking.", factory=WandbConfig)

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout, read_json
 from pipeline.metrics_log import merge_by_step, read_metrics_log
-from pipeline.registry import sweep_arms
+from pipeline.registry import trained_arms
 
 SFT_LOSS_PNG = "sft_loss.png"
 DPO_CURVES_PNG = "dpo_curves.png"
@@ -77,9 +77,9 @@ def series_of(by_step: dict[int, dict] | None, metrics: tuple[str, ...]) -> dict
 
 
 def collect_training_curves(cfg: PipelineConfig, layout: RunLayout) -> TrainingCurves:
-    """The series the report draws, read from the run directory; arms in sweep order (`sweep_arms`)."""
+    """The series the report draws, read from the run directory; trained arms in sweep order (`trained_arms`)."""
     curves = TrainingCurves(sft=series_of(stage_log(layout, "sft"), SFT_METRICS))
-    for arm in sweep_arms(cfg):
+    for arm in trained_arms(cfg):
         arm_series = series_of(stage_log(layout, "dpo", arm), DPO_METRICS)
         if arm_series:
             curves.dpo[arm.tag] = arm_series
@@ -155,7 +155,7 @@ def draw_training_curves(cfg: PipelineConfig, layout: RunLayout) -> list[tuple[s
         save_png(sft_loss_figure(curves.sft["loss"]), report_dir / SFT_LOSS_PNG)
         drawn.append(("SFT training loss", SFT_LOSS_PNG))
     if curves.dpo:
-        missing = [arm.tag for arm in sweep_arms(cfg) if arm.tag not in curves.dpo]
+        missing = [arm.tag for arm in trained_arms(cfg) if arm.tag not in curves.dpo]
         title = "DPO training curves per arm" + (f" (no training log for {', '.join(missing)})" if missing else "")
         save_png(dpo_curves_figure(curves.dpo), report_dir / DPO_CURVES_PNG)
         drawn.append((title, DPO_CURVES_PNG))

@@ -42,28 +42,49 @@ class Shard:
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the DPO sweep: a method (`pipeline.methods`), its strength (TRL's beta) and a training
-    seed (None = the run's `seed`). Its key and tag are made here and nowhere else.
+    """One arm of the sweep: a method (`pipeline.methods`), its strength (TRL's beta; N for Best-of-N;
+    None for a method without one) and a training/sampling seed (None = the run's `seed`). Its key and
+    tag are made here and nowhere else. Arms of trained methods are the dpo stage's array tasks
+    (`trained_arms`); the eval stage evaluates every arm (`sweep_arms`).
 
     The default arm (method dpo, the run's seed) keeps the beta-only names of runs made before the
     sweep had methods and seeds: key '0.1', tag 'beta-0.1'. Other arms name what differs: keys
-    'ipo:0.5', 'dpo:0.1:seed1'; tags 'ipo-beta-0.5', 'dpo-beta-0.1-seed-1'.
+    'ipo:0.5', 'dpo:0.1:seed1', 'preferred_ft', 'preferred_ft:seed1', 'best_of_n:4'; tags 'ipo-beta-0.5',
+    'dpo-beta-0.1-seed-1', 'preferred-ft', 'preferred-ft-seed-1', 'best-of-n-4'.
     """
-    beta: float
+    beta: float | int | None
     method: str = DEFAULT_METHOD
     seed: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "beta", float(self.beta))
         if self.method not in METHODS:
             raise ValueError(f"arm method {self.method!r}: choose one of {', '.join(METHODS)}")
+        spec = METHODS[self.method]
+        if not spec.has_strength:
+            if self.beta is not None:
+                raise ValueError(f"arm {self.method}: {spec.label} has no strength (got {self.beta!r})")
+        elif self.beta is None:
+            raise ValueError(f"arm {self.method}: needs a strength ({spec.symbol})")
+        elif spec.integer_strength:
+            value = float(self.beta)
+            problem = spec.check_strength(value)
+            if problem:
+                raise ValueError(f"arm {self.method}: {problem}")
+            object.__setattr__(self, "beta", int(value))
+        else:
+            object.__setattr__(self, "beta", float(self.beta))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"arm seed {self.seed!r}: a seed is an integer >= 0")
 
     @property
-    def strength(self) -> float:
-        """The method's strength; TRL's `beta` for every method."""
+    def strength(self) -> float | int | None:
+        """The method's strength: TRL's `beta` for trained methods with one, N for Best-of-N, else None."""
         return self.beta
+
+    @property
+    def trains(self) -> bool:
+        """Whether the dpo stage trains this arm (else the eval stage evaluates it from the SFT model)."""
+        return METHODS[self.method].trains
 
     @property
     def is_default(self) -> bool:
@@ -71,18 +92,26 @@ class Arm:
 
     @property
     def key(self) -> str:
-        """As typed in records and `--task`: '0.05', '1.0' (dpo, run seed); 'ipo:0.5', 'dpo:0.1:seed1'."""
+        """As typed in records and `--task`: '0.05', '1.0' (dpo, run seed); 'ipo:0.5', 'dpo:0.1:seed1',
+        'preferred_ft', 'preferred_ft:seed1', 'best_of_n:4'."""
         if self.is_default:
             return repr(self.beta)
-        return f"{self.method}:{self.beta!r}" + ("" if self.seed is None else f":seed{self.seed}")
+        seed = "" if self.seed is None else f":seed{self.seed}"
+        return self.method + ("" if self.beta is None else f":{self.beta!r}") + seed
 
     @property
     def tag(self) -> str:
         """The arm's name in paths, wandb runs, policy ids and metric names: 'beta-0.1', 'ipo-beta-0.5',
-        'dpo-beta-0.1-seed-1'."""
+        'dpo-beta-0.1-seed-1', 'preferred-ft', 'best-of-n-4-seed-1'."""
         if self.is_default:
             return f"beta-{self.beta!r}"
-        return f"{self.method}-beta-{self.beta!r}" + ("" if self.seed is None else f"-seed-{self.seed}")
+        spec = METHODS[self.method]
+        parts = [spec.tag]
+        if self.beta is not None:
+            parts += [spec.strength_tag, repr(self.beta)] if spec.strength_tag else [repr(self.beta)]
+        if self.seed is not None:
+            parts += ["seed", str(self.seed)]
+        return "-".join(parts)
 
     @property
     def dirname(self) -> str:
@@ -93,22 +122,34 @@ class Arm:
 
     @classmethod
     def parse(cls, text: str) -> "Arm":
-        """A key, any spelling of its numbers: '1', '1.0', '1e0'; 'ipo:0.5'; 'dpo:0.1:seed1' ('seed01')."""
+        """A key, any spelling of its numbers: '1', '1.0', '1e0'; 'ipo:0.5'; 'dpo:0.1:seed1' ('seed01');
+        'preferred_ft', 'preferred_ft:seed1' (a method without a strength); 'best_of_n:4'."""
         usage = ("a DPO task is a beta, e.g. --task 0.1, or METHOD:BETA[:seedN], e.g. --task ipo:0.5 or "
-                 f"--task dpo:0.1:seed1 (methods: {', '.join(METHODS)})")
+                 f"--task dpo:0.1:seed1, or METHOD[:seedN] for a method without a strength, e.g. --task "
+                 f"preferred_ft:seed1 (methods: {', '.join(METHODS)})")
         parts = [part.strip() for part in str(text).strip().split(":")]
         if len(parts) > 3 or (len(parts) == 1 and not parts[0]):
             raise ValueError(f"task {text!r}: {usage}")
-        method = parts[0].lower() if len(parts) > 1 else DEFAULT_METHOD
+        first = parts[0].lower()
+        method = first if (len(parts) > 1 or first in METHODS) else DEFAULT_METHOD
         if method not in METHODS:
             raise ValueError(f"task {text!r}: unknown method {parts[0]!r}; {usage}")
+        has_strength = METHODS[method].has_strength
+
+        def seed_of(part: str) -> int:
+            if not part.lower().startswith("seed"):
+                raise ValueError
+            return int(part[4:])
+
         try:
-            beta = float(parts[-1] if len(parts) == 1 else parts[1])
-            seed = None
-            if len(parts) == 3:
-                if not parts[2].lower().startswith("seed"):
+            if not has_strength:
+                if len(parts) > 2:
                     raise ValueError
-                seed = int(parts[2][4:])
+                return cls(None, method, seed_of(parts[1]) if len(parts) == 2 else None)
+            if len(parts) == 1 and first in METHODS:
+                raise ValueError
+            beta = float(parts[-1] if len(parts) == 1 else parts[1])
+            seed = seed_of(parts[2]) if len(parts) == 3 else None
             return cls(beta, method, seed)
         except ValueError:
             raise ValueError(f"task {text!r}: {usage}") from None
@@ -180,10 +221,16 @@ def _pairs_shard_done(layout: RunLayout, shard: Shard) -> bool:
 
 
 def sweep_arms(cfg: PipelineConfig) -> list[Arm]:
-    """The DPO stage's arms: methods x strengths x seeds, in config order (seeds innermost)."""
+    """Every arm of the sweep (what eval evaluates): methods x strengths x seeds, in config order (seeds
+    innermost); a method without a strength has one arm per seed."""
     seeds = cfg.sweep.seeds or [None]
     return [Arm(strength, method, seed) for method in cfg.sweep.methods
             for strength in cfg.sweep.strengths_of(method, cfg.dpo.betas) for seed in seeds]
+
+
+def trained_arms(cfg: PipelineConfig) -> list[Arm]:
+    """The dpo stage's array tasks: the arms of methods that train (not Best-of-N), in sweep order."""
+    return [arm for arm in sweep_arms(cfg) if arm.trains]
 
 
 STAGES: list[Stage] = [
@@ -193,7 +240,7 @@ STAGES: list[Stage] = [
           done_check=_pairs_shard_done, writes_progress=False, scale_hint="raise pairs.num_shards to use more GPUs"),
     Stage("pairs_merge", ("pairs",), "pipeline.stages.pairs:merge", "pairs", "pairs", writes_progress=False,
           needs_gpu=False),
-    Stage("dpo", ("pairs_merge",), "pipeline.stages.dpo:run", "dpo", "dpo", tasks=sweep_arms, task_type=Arm,
+    Stage("dpo", ("pairs_merge",), "pipeline.stages.dpo:run", "dpo", "dpo", tasks=trained_arms, task_type=Arm,
           multi_process=True),
     Stage("eval", ("dpo",), "pipeline.stages.eval:run", "eval", "eval", scale_hint="eval runs one process"),
 ]

@@ -19,7 +19,7 @@ def test_run_leaves_the_frontier_plot_and_report(tiny_run):
         assert (tiny_run / "eval" / name).is_file(), name
     rows = frontier(tiny_run)
     assert list(rows[0]) == ["policy", "beta", "step", "reward", "kl", "n", "reward_stderr", "kl_stderr",
-                             "method", "strength", "seed"]
+                             "method", "strength", "seed", "kl_analytic"]
     assert {(r["method"], r["strength"] == r["beta"], r["seed"]) for r in rows[1:]} == {("dpo", True, "0")}
     assert all(float(r["reward_stderr"]) >= 0 and float(r["kl_stderr"]) >= 0 for r in rows)
     sft = [r for r in rows if r["policy"] == "sft"]

@@ -12,7 +12,7 @@ from jobs.config import resolve_config, save_config
 from jobs.launcher import plan_slurm
 from pipeline.layout import RunLayout, atomic_write_json
 from pipeline.methods import METHODS
-from pipeline.registry import Arm, get_stage, sweep_arms
+from pipeline.registry import Arm, get_stage, sweep_arms, trained_arms
 from pipeline.stages.eval import FRONTIER_COLUMNS, frontier_csv, report_markdown, seed_means, seed_means_csv
 
 TWO_BY_TWO_BY_TWO = ["sweep.methods=[dpo,ipo]", "sweep.strengths.ipo=[0.5,2]", "dpo.betas=[0.1,1]",
@@ -36,6 +36,10 @@ def test_the_default_arm_keeps_the_beta_only_key_and_tag():
     (Arm(0.1, "dpo", 1), "dpo:0.1:seed1", "dpo-beta-0.1-seed-1"),
     (Arm(5.0, "robust", 0), "robust:5.0:seed0", "robust-beta-5.0-seed-0"),
     (Arm(1e-5, "hinge", 12), "hinge:1e-05:seed12", "hinge-beta-1e-05-seed-12"),
+    (Arm(None, "preferred_ft"), "preferred_ft", "preferred-ft"),
+    (Arm(None, "preferred_ft", 1), "preferred_ft:seed1", "preferred-ft-seed-1"),
+    (Arm(4, "best_of_n"), "best_of_n:4", "best-of-n-4"),
+    (Arm(16.0, "best_of_n", 0), "best_of_n:16:seed0", "best-of-n-16-seed-0"),
 ])
 def test_every_key_round_trips_and_every_tag_is_a_plain_name(arm, key, tag):
     assert (arm.key, arm.tag) == (key, tag)
@@ -50,7 +54,9 @@ def test_any_spelling_of_an_arm_names_the_same_arm(spelling):
     assert (arm.method, arm.beta) == ("ipo", 2.0) and arm.seed == (7 if "seed" in spelling else None)
 
 
-@pytest.mark.parametrize("text", ["nosuch:0.1", "ipo:x", "ipo:0.1:7", "ipo:0.1:seed-1", "ipo:0.1:seedx", "a:b:c:d", ""])
+@pytest.mark.parametrize("text", ["nosuch:0.1", "ipo:x", "ipo:0.1:7", "ipo:0.1:seed-1", "ipo:0.1:seedx", "a:b:c:d", "",
+                                  "ipo", "preferred_ft:0.1", "preferred_ft:0.1:seed1", "best_of_n:1", "best_of_n:2.5",
+                                  "best_of_n"])
 def test_bad_arm_keys_are_refused_with_the_form(text):
     with pytest.raises(ValueError, match=r"METHOD:BETA\[:seedN\], e.g. --task ipo:0.5"):
         Arm.parse(text)
@@ -71,6 +77,11 @@ def test_the_tiny_methods_preset_sweeps_every_method_over_two_seeds():
     arms = sweep_arms(cfg)
     assert {a.method for a in arms} == set(METHODS) and {a.seed for a in arms} == {0, 1}
     assert len(arms) == 2 * sum(len(cfg.sweep.strengths_of(m, cfg.dpo.betas)) for m in cfg.sweep.methods)
+    assert [a.key for a in arms if a.method in ("preferred_ft", "best_of_n")] == [
+        "preferred_ft:seed0", "preferred_ft:seed1", "best_of_n:2:seed0", "best_of_n:2:seed1",
+        "best_of_n:4:seed0", "best_of_n:4:seed1", "best_of_n:8:seed0", "best_of_n:8:seed1"]
+    assert [a for a in arms if a.trains] == trained_arms(cfg) and len(trained_arms(cfg)) == 18  # 14 pairwise + 2 Preferred-FT + 2 RLOO
+    assert get_stage("dpo").task_list(cfg) == trained_arms(cfg)  # the DPO array never gets a Best-of-N arm
 
 
 # ------------------------------------------------------------------ config
@@ -87,6 +98,14 @@ def test_the_tiny_methods_preset_sweeps_every_method_over_two_seeds():
     (["sweep.seeds=[-1]"], "sweep.seeds[0]", "must be >= 0"),
     (["sweep.methods=[dpo,robust]", "dpo.label_smoothing=0"], "dpo.label_smoothing", "robust method needs"),
     (["dpo.label_smoothing=0.5"], "dpo.label_smoothing", "must be in [0, 0.5)"),
+    (["sweep.methods=[dpo,preferred_ft]", "sweep.strengths.preferred_ft=[0.1]"], "sweep.strengths.preferred_ft",
+     "Preferred-FT has no strength (one arm per seed); drop sweep.strengths.preferred_ft"),
+    (["sweep.methods=[dpo,best_of_n]", "sweep.strengths.best_of_n=[4,1]"], "sweep.strengths.best_of_n[1]",
+     "1.0 is not a valid N: Best-of-N keeps the best of N samples, an integer >= 2"),
+    (["sweep.methods=[dpo,best_of_n]", "sweep.strengths.best_of_n=[2.5]"], "sweep.strengths.best_of_n[0]",
+     "an integer >= 2"),
+    (["sweep.methods=[best_of_n]"], "sweep.methods", "has no trained method; the pipeline trains at least one arm "
+                                                     "(add e.g. dpo: --set sweep.methods=[dpo,best_of_n])"),
     (["dpo.loss_type=ipo"], "dpo: unknown key(s) loss_type",
      "dpo.loss_type was replaced by sweep.methods (one arm per method, strength and seed), e.g. --set sweep.methods=[ipo]"),
 ])
@@ -137,8 +156,14 @@ def test_every_method_is_a_loss_trl_accepts():
 
     from pipeline.config import DPO_LOSS_TYPES
 
-    for method in (m for m in METHODS.values() if m.trainer == "pairwise"):
-        assert method.loss_type in DPO_LOSS_TYPES and method.label and method.about
+    for method in METHODS.values():
+        assert method.label and method.about
+        if not method.trains:  # Best-of-N: evaluated from the SFT model, no TRL loss
+            assert method.loss_type is None
+            continue
+        if method.trainer == "online":  # RLOO: no pairwise loss (tests/test_online.py)
+            continue
+        assert method.loss_type in DPO_LOSS_TYPES
         TRLDPOConfig(output_dir="/tmp/unused", loss_type=[method.loss_type], use_cpu=True, report_to=[],
                      **method.trl_options(resolve_config("tiny")))
 
@@ -218,3 +243,65 @@ def test_one_seed_keeps_the_report_as_before():
     report = report_markdown(cfg, results)
     assert "| dpo | 0.1 | 10 | 0.800 ± 0.050 | 1.50 ± 0.25 | 8 |" in report and "Mean over seeds" not in report
     assert "### DPO β = 0.1 (step 10)" in report
+
+
+# ------------------------------------------------------------------ Preferred-FT and Best-of-N in the sweep
+def test_the_dpo_array_gets_preferred_ft_but_never_best_of_n(tmp_path):
+    cfg = resolve_config("tiny", sets=["sweep.methods=[dpo,preferred_ft,best_of_n]", "sweep.strengths.best_of_n=[2,8]"])
+    assert [a.key for a in sweep_arms(cfg)] == ["0.05", "0.1", "1.0", "preferred_ft", "best_of_n:2", "best_of_n:8"]
+    layout = RunLayout(tmp_path)
+    save_config(cfg, layout)
+    atomic_write_json(layout.done_path("sft"), {})
+    atomic_write_json(layout.done_path("pairs"), {})
+    planned, _ = plan_slurm(cfg, layout, {})
+    dpo = next(p for p in planned if p.stage.name == "dpo")
+    assert [records.task_key(t) for t in dpo.tasks] == ["0.05", "0.1", "1.0", "preferred_ft"]
+    assert resolve_config("tiny", sets=["sweep.methods=[dpo,best_of_n]"]).sweep.strengths_of("best_of_n", [0.1]) == [4, 16]
+
+
+def test_preferred_ft_reaches_trl_as_the_sft_loss_and_best_of_n_is_not_trained(tmp_path):
+    import torch
+
+    from pipeline.stages.dpo import trl_config
+    from pipeline.training import trainer_kwargs
+
+    cfg = resolve_config("tiny", sets=["seed=5", "sweep.methods=[dpo,preferred_ft,best_of_n]"])
+    kwargs = trainer_kwargs(cfg, cfg.dpo, tmp_path, torch.device("cpu"), torch.float32, [])
+    args = trl_config(cfg, Arm(None, "preferred_ft", 2), kwargs)
+    assert args.loss_type == ["sft"] and (args.seed, args.data_seed) == (2, 2)
+    with pytest.raises(ValueError, match="not trained"):
+        trl_config(cfg, Arm(4, "best_of_n"), kwargs)
+
+
+def test_best_of_n_rows_in_the_frontier_and_the_report(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.stages.eval import plot_frontier
+
+    def bon_row(n, seed, reward, kl, analytic):
+        return {"policy": "best_of_n", "id": f"best-of-n-{n}-seed-{seed}", "beta": None, "strength": n,
+                "method": "best_of_n", "seed": seed, "arm": f"best-of-n-{n}-seed-{seed}", "step": 0, "reward": reward,
+                "reward_std": 0.1, "reward_stderr": 0.01, "kl": kl, "kl_stderr": 0.0, "kl_analytic": analytic,
+                "n": 8, "examples": []}
+
+    pft = {**dpo_row("preferred_ft", None, 0, 30, 0.7, 2.0), "strength": None, "beta": None}
+    results = [SFT_ROW, dpo_row("dpo", 0.1, 0, 30, 0.8, 1.5), pft,
+               bon_row(2, 0, 0.6, 0.18, 0.1931), bon_row(4, 0, 0.7, 0.60, 0.6363)]
+    rows = list(csv.DictReader(io.StringIO(frontier_csv(results))))
+    assert list(rows[0]) == FRONTIER_COLUMNS and FRONTIER_COLUMNS[-1] == "kl_analytic"
+    assert [(r["policy"], r["method"], r["beta"], r["strength"], r["step"], r["kl_analytic"]) for r in rows] == [
+        ("sft", "", "", "", "0", ""), ("dpo", "dpo", "0.1", "0.1", "30", ""),
+        ("dpo", "preferred_ft", "", "", "30", ""),
+        ("best_of_n", "best_of_n", "", "2", "0", "0.193100"), ("best_of_n", "best_of_n", "", "4", "0", "0.636300")]
+    assert float(rows[4]["kl"]) == 0.6 and float(rows[4]["reward"]) == 0.7
+    means = seed_means(results)
+    assert [(m["method"], m["strength"]) for m in means] == [("dpo", 0.1), ("preferred_ft", None), ("best_of_n", 2),
+                                                             ("best_of_n", 4)]
+    cfg = SimpleNamespace(name="t", model=SimpleNamespace(name="tiny"), reward=SimpleNamespace(kind="vader"),
+                          eval=SimpleNamespace(num_prompts=2, samples_per_prompt=4))
+    report = report_markdown(cfg, results)
+    assert "| best_of_n | N=4 | 0 | 0.700 ± 0.010 | 0.600 ± 0.000 (analytic 0.636) | 8 |" in report
+    assert "| preferred_ft |  | 30 |" in report and "### Preferred-FT (step 30)" in report
+    assert "### Best-of-N N = 4 (kept sample)" in report and "**Best-of-N** (no training)" in report
+    plot_frontier(results, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

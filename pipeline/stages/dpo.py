@@ -1,5 +1,6 @@
-"""Stage 3: preference tuning (TRL DPOTrainer) for one sweep arm: a method (a TRL pairwise loss), its
-strength (TRL's beta) and a seed; the sweep is one independent call per arm.
+"""Stage 3: preference tuning (TRL DPOTrainer) for one trained sweep arm: a method (a TRL loss), its
+strength (TRL's beta; none for Preferred-FT) and a seed; the sweep is one independent call per trained
+arm (Best-of-N arms are not trained: the eval stage samples them from the SFT model).
 
 Policy and reference both start from the SFT model (as in the seed report).
 """
@@ -10,19 +11,25 @@ from functools import partial
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout
 from pipeline.methods import METHODS
-from pipeline.registry import Arm, sweep_arms
+from pipeline.registry import Arm, trained_arms
 from pipeline.training import BuiltTrainer, TrainingSetup, is_eval_checkpoint, run_training_stage
 
 
 def trl_config(cfg: PipelineConfig, arm: Arm, trainer_kwargs: dict):
     """TRL's DPOConfig for one arm: the shared trainer arguments, the method's loss (and its options),
-    the strength as beta, and the arm's seed (when it has one) as the Trainer's seed and data order."""
+    the strength as beta (a method without a strength keeps TRL's default beta, which its loss does not
+    use; TRL still scales its logged rewards/* by it), and the arm's seed (when it has one) as the
+    Trainer's seed and data order."""
     from trl import DPOConfig
 
     method = METHODS[arm.method]
     seed = arm.training_seed(cfg.seed)
+    if not method.trains:
+        raise ValueError(f"dpo: arm {arm.key} is not trained ({method.label} is evaluated from the SFT model)")
     kwargs = {**trainer_kwargs, "seed": seed, "data_seed": seed}
-    return DPOConfig(**kwargs, beta=arm.beta, loss_type=[method.loss_type], **method.trl_options(cfg),
+    if arm.beta is not None:
+        kwargs["beta"] = arm.beta
+    return DPOConfig(**kwargs, loss_type=[method.loss_type], **method.trl_options(cfg),
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
 
 
@@ -49,9 +56,9 @@ def reward_function(reward):
 
 
 def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
-    arms = sweep_arms(cfg)
+    arms = trained_arms(cfg)
     if arm not in arms:
-        raise ValueError(f"dpo: task {arm.key} is not an arm of this run's sweep; its arms: "
+        raise ValueError(f"dpo: task {arm.key} is not a trained arm of this run's sweep; its trained arms: "
                          f"{', '.join(a.key for a in arms)}")
     if not layout.is_done("pairs") and not layout.is_done("dpo", arm):
         raise RuntimeError(f"dpo: {layout.done_path('pairs')} is missing; run the pairs stage first")
