@@ -62,7 +62,7 @@ def check_hub_run(run_dir: Path, server) -> None:
         assert {k: manifest["environment"].get(k) for k in OFFLINE} == OFFLINE, stage
         assert manifest["environment"]["HF_HUB_CACHE"] == str(run_dir / "cache" / "huggingface")
     rows = (run_dir / "eval" / "frontier.csv").read_text().splitlines()
-    assert rows[0] == "policy,beta,step,reward,kl,n,reward_stderr,kl_stderr,method,strength,seed"
+    assert rows[0] == "policy,beta,step,reward,kl,n,reward_stderr,kl_stderr,method,strength,seed,kl_analytic"
     assert len(rows) == 1 + 1 + 3  # SFT + steps 5, 10, 15
     # the rewards are the classifier's: score the eval examples again with the prefetched classifier
     from pipeline.config import RewardConfig
