@@ -169,14 +169,19 @@ def test_every_method_is_a_loss_trl_accepts():
 
 
 # ------------------------------------------------------------------ the launcher's array
-def test_the_dpo_array_has_one_task_per_arm(tmp_path):
-    cfg = resolve_config("tiny", sets=TWO_BY_TWO_BY_TWO)
-    layout = RunLayout(tmp_path)
+def planned_dpo_job(cfg, run_dir):
+    """A run directory holding `cfg` with SFT and pairs done, and the DPO job the launcher plans for it."""
+    layout = RunLayout(run_dir)
     save_config(cfg, layout)
     atomic_write_json(layout.done_path("sft"), {})
     atomic_write_json(layout.done_path("pairs"), {})
     planned, _ = plan_slurm(cfg, layout, {})
-    dpo = next(p for p in planned if p.stage.name == "dpo")
+    return layout, next(p for p in planned if p.stage.name == "dpo")
+
+
+def test_the_dpo_array_has_one_task_per_arm(tmp_path):
+    cfg = resolve_config("tiny", sets=TWO_BY_TWO_BY_TWO)
+    layout, dpo = planned_dpo_job(cfg, tmp_path)
     assert [records.task_key(t) for t in dpo.tasks] == [a.key for a in sweep_arms(cfg)] and len(dpo.tasks) == 8
     atomic_write_json(layout.done_path("dpo", Arm(0.5, "ipo", 4)), {})  # one arm finished: the others remain
     planned, _ = plan_slurm(cfg, layout, {})
@@ -249,12 +254,7 @@ def test_one_seed_keeps_the_report_as_before():
 def test_the_dpo_array_gets_preferred_ft_but_never_best_of_n(tmp_path):
     cfg = resolve_config("tiny", sets=["sweep.methods=[dpo,preferred_ft,best_of_n]", "sweep.strengths.best_of_n=[2,8]"])
     assert [a.key for a in sweep_arms(cfg)] == ["0.05", "0.1", "1.0", "preferred_ft", "best_of_n:2", "best_of_n:8"]
-    layout = RunLayout(tmp_path)
-    save_config(cfg, layout)
-    atomic_write_json(layout.done_path("sft"), {})
-    atomic_write_json(layout.done_path("pairs"), {})
-    planned, _ = plan_slurm(cfg, layout, {})
-    dpo = next(p for p in planned if p.stage.name == "dpo")
+    _, dpo = planned_dpo_job(cfg, tmp_path)
     assert [records.task_key(t) for t in dpo.tasks] == ["0.05", "0.1", "1.0", "preferred_ft"]
     assert resolve_config("tiny", sets=["sweep.methods=[dpo,best_of_n]"]).sweep.strengths_of("best_of_n", [0.1]) == [4, 16]
 
