@@ -112,7 +112,7 @@ def run_local(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None
         for task in stage.task_list(cfg):
             label = stage.label(task)
             if stage.is_done(layout, task):
-                log(f"{label:>14}: done, skipped")
+                log(f"{label:>16}: done, skipped")
                 continue
             resources = stage_resources(cfg, stage)
             folder = layout.jobs / "local" / stage.name
@@ -120,7 +120,7 @@ def run_local(cfg: ExperimentConfig, layout: RunLayout, until: str | None = None
             job = executor.submit(stage_job(layout, stage, task, resources))
             records.append(layout, records.Submission(stage.name, str(job.job_id),
                                                       {records.task_key(task): str(job.job_id)}, "local", str(folder)))
-            log(f"{label:>14}: running as local job {job.job_id} (logs: {job.paths.stdout})")
+            log(f"{label:>16}: running as local job {job.job_id} (logs: {job.paths.stdout})")
             try:
                 job.result()
             except Exception as exc:  # submitit re-raises the job's failure with its traceback
@@ -136,6 +136,7 @@ class PlannedJob:
     tasks: list[Task]
     resources: SlurmResources
     depends_on: list[str] = field(default_factory=list)   # job ids, or "<stage>" placeholders in a plan
+    corresponding: list[str] = field(default_factory=list)  # arrays whose task i task i waits for (aftercorr)
 
 
 def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None,
@@ -168,8 +169,34 @@ def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue
         if todo:
             deps = [job for upstream in stage.after for job in active.get(upstream, [])]
             deps += [f"<{upstream}>" for upstream in stage.after if any(p.stage.name == upstream for p in planned)]
-            planned.append(PlannedJob(stage, todo, stage_resources(cfg, stage), deps))
+            corresponding = _corresponding_array(stage, todo, planned, active, latest)
+            if corresponding:
+                upstream = stage.corresponds_to
+                drop = set(active.get(upstream, [])) | {f"<{upstream}>"}
+                deps = [d for d in deps if d not in drop]
+            planned.append(PlannedJob(stage, todo, stage_resources(cfg, stage), deps, corresponding))
     return planned, stale
+
+
+def _corresponding_array(stage: Stage, todo: list[Task], planned: list[PlannedJob], active: dict[str, list[str]],
+                         latest: dict) -> list[str]:
+    """[the upstream array] when task i of the array about to be submitted may wait for task i of it alone
+    (SLURM's aftercorr): the upstream array holds the same tasks at the same indices, either planned now
+    or submitted earlier (each of its tasks done or still active). Else [] (wait for all: afterok)."""
+    upstream = stage.corresponds_to
+    if upstream is None or len(todo) < 2:  # one task is submitted as a plain job, not an array
+        return []
+    keys = [records.task_key(task) for task in todo]
+    now = next((p for p in planned if p.stage.name == upstream), None)
+    if now is not None:
+        aligned = [records.task_key(task) for task in now.tasks] == keys and not active.get(upstream)
+        return [f"<{upstream}>"] if aligned else []
+    ids = [latest.get((upstream, key), (None, ""))[1] for key in keys]
+    parents = {job_id.split("_")[0] for job_id in ids}
+    if not active.get(upstream) or len(parents) != 1:
+        return []  # nothing to wait for, or tasks from several arrays
+    parent = parents.pop()
+    return [parent] if ids == [f"{parent}_{i}" for i in range(len(ids))] else []
 
 
 def stage_job(layout: RunLayout, stage: Stage, task: Task, resources: SlurmResources) -> StageJob:
@@ -186,7 +213,7 @@ def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJ
     for job in planned:
         array = len(job.tasks) if job.stage.is_array else None
         script = submit.render_sbatch(job.resources, layout.jobs / job.stage.name, _job_name(cfg, job.stage),
-                                      array_size=array, dependencies=job.depends_on)
+                                      array_size=array, dependencies=job.depends_on, corresponding=job.corresponding)
         tasks = f" tasks {', '.join(records.task_key(t) for t in job.tasks)}" if job.stage.is_array else ""
         parts.append(f"# ---- stage {job.stage.name}{tasks}\n{script}")
     return "\n".join(parts)
@@ -234,12 +261,13 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
     made: list[records.Submission] = []
     for job in planned:
         deps = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.depends_on]
+        corresponding = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.corresponding]
         folder = layout.jobs / job.stage.name
         intent = records.Submission(job.stage.name, "", {records.task_key(t): "" for t in job.tasks}, "slurm",
                                     str(folder), intent=records.new_intent())
         records.append(layout, intent)
         try:
-            handles = _sbatch(cfg, layout, job, deps, folder, records.comment_for(intent.intent))
+            handles = _sbatch(cfg, layout, job, deps, corresponding, folder, records.comment_for(intent.intent))
         except Exception as exc:  # noqa: BLE001 - sbatch's refusal, with SLURM's reason
             records.replace(layout, intent.intent, None)
             raise _undo(layout, made, job.stage, exc) from None
@@ -251,14 +279,17 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
         submitted[job.stage.name] = parent
         made.append(submission)
         after = f" after {','.join(deps)}" if deps else ""
+        after += f" task by task after {','.join(corresponding)}" if corresponding else ""
         log(f"{job.stage.name:>12}: submitted job {parent}{' (' + str(len(handles)) + ' tasks)' if job.stage.is_array else ''}{after}")
     if not made:
         log("nothing to submit: every stage is done or already queued/running")
     return made
 
 
-def _sbatch(cfg: ExperimentConfig, layout: RunLayout, job: PlannedJob, deps: list[str], folder: Path, comment: str):
-    executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps, comment=comment)
+def _sbatch(cfg: ExperimentConfig, layout: RunLayout, job: PlannedJob, deps: list[str], corresponding: list[str],
+            folder: Path, comment: str):
+    executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps, comment=comment,
+                                    corresponding=corresponding)
     calls = [stage_job(layout, job.stage, task, job.resources) for task in job.tasks]
     if job.stage.is_array:
         with executor.batch():

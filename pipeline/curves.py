@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from pipeline.layout import RunLayout, read_json
 from pipeline.metrics_log import merge_by_step, read_metrics_log
+from pipeline.methods import DEFAULT_METHOD
 from pipeline.registry import trained_arms
 
 SFT_LOSS_PNG = "sft_loss.png"
@@ -23,7 +24,7 @@ DPO_CURVES_PNG = "dpo_curves.png"
 SFT_METRICS = ("loss",)
 # One subplot each: (title, y-axis label, the TRL metrics it draws; a second one is dashed)
 DPO_PANELS = (
-    ("DPO loss", "loss", ("loss",)),
+    ("Training loss (each arm's own objective)", "loss", ("loss",)),
     ("Reward accuracy (chosen reward > rejected)", "rewards/accuracies", ("rewards/accuracies",)),
     ("Reward margin (chosen − rejected)", "rewards/margins", ("rewards/margins",)),
     ("Policy log-probs: chosen (solid), rejected (dashed)", "log p (sum over completion tokens)",
@@ -107,7 +108,7 @@ def sft_loss_figure(loss: Series):
     return fig
 
 
-def dpo_curves_figure(by_arm: dict[str, dict[str, Series]]):
+def dpo_curves_figure(by_arm: dict[str, dict[str, Series]], what: str = "DPO"):
     """One subplot per entry of DPO_PANELS, one colour per arm, each line labelled with its arm's tag
     (and the metric's last name part where a panel draws two)."""
     plt = _pyplot()
@@ -127,7 +128,7 @@ def dpo_curves_figure(by_arm: dict[str, dict[str, Series]]):
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     axes.flat[0].legend(fontsize=8 if len(by_arm) <= 8 else 6)  # the arms' colours; the same in every panel
-    fig.suptitle("DPO training, per arm")
+    fig.suptitle(f"{what} training, per arm")
     fig.tight_layout()
     return fig
 
@@ -156,7 +157,9 @@ def draw_training_curves(cfg: PipelineConfig, layout: RunLayout) -> list[tuple[s
         drawn.append(("SFT training loss", SFT_LOSS_PNG))
     if curves.dpo:
         missing = [arm.tag for arm in trained_arms(cfg) if arm.tag not in curves.dpo]
-        title = "DPO training curves per arm" + (f" (no training log for {', '.join(missing)})" if missing else "")
-        save_png(dpo_curves_figure(curves.dpo), report_dir / DPO_CURVES_PNG)
+        # the dpo stage trains every method of the sweep; "DPO" only where it is the only one
+        what = "DPO" if {arm.method for arm in trained_arms(cfg)} == {DEFAULT_METHOD} else "Preference and online"
+        title = f"{what} training curves per arm" + (f" (no training log for {', '.join(missing)})" if missing else "")
+        save_png(dpo_curves_figure(curves.dpo, what), report_dir / DPO_CURVES_PNG)
         drawn.append((title, DPO_CURVES_PNG))
     return drawn

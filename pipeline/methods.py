@@ -92,7 +92,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "for, in nats per sequence"),
     Method("preferred_ft", "Preferred-FT", "sft",
            "Preferred-FT (the DPO paper's baseline): supervised fine-tuning on the chosen completions only, TRL's "
-           "'sft' loss (mean token NLL of the chosen completion; the rejected one is ignored); no strength",
+           "'sft' loss (mean token NLL of the chosen completion; the rejected one is ignored); no strength. "
+           "It trains with the dpo section's optimiser settings (dpo.learning_rate, steps, batch), like every "
+           "pairwise arm; its logged rewards/* still scale TRL's implicit reward by dpo.beta, which its loss "
+           "does not use (compare its loss and logps/chosen, not its rewards/margins)",
            has_strength=False),
     Method("rloo", "RLOO (true reward)", "",
            "online RL with the ground-truth reward (the DPO paper's PPO-GT analogue): TRL's RLOO samples "

@@ -155,7 +155,37 @@ class Arm:
             raise ValueError(f"task {text!r}: {usage}") from None
 
 
-Task = Union[Shard, Arm, None]
+@dataclass(frozen=True)
+class FromSft:
+    """A task of the eval_sft stage: what is evaluated straight from the SFT model: the SFT model itself
+    (the reference row and KL noise floor; key 'sft') or a Best-of-N arm (key 'best_of_n:4')."""
+    arm: Arm | None = None  # None: the SFT model itself
+
+    def __post_init__(self):
+        if self.arm is not None and self.arm.trains:
+            raise ValueError(f"task {self.arm.key!r}: {self.arm.method} is trained; its eval is an eval_arms task")
+
+    @property
+    def key(self) -> str:
+        return "sft" if self.arm is None else self.arm.key
+
+    @property
+    def dirname(self) -> str:
+        return "sft" if self.arm is None else self.arm.tag
+
+    @classmethod
+    def parse(cls, text: str) -> "FromSft":
+        """'sft', or the key of a Best-of-N arm ('best_of_n:4')."""
+        if str(text).strip().lower() == "sft":
+            return cls(None)
+        try:
+            return cls(Arm.parse(text))
+        except ValueError as error:
+            raise ValueError(f"task {text!r}: an eval_sft task is 'sft' or a Best-of-N arm such as "
+                             f"'best_of_n:4' ({error})") from None
+
+
+Task = Union[Shard, Arm, FromSft, None]
 
 
 def task_key(task: Task) -> str:
@@ -178,6 +208,9 @@ class Stage:
     multi_process: bool = False            # may run on several nodes / GPUs (else one process per job)
     needs_gpu: bool = True                 # False: its job asks for no GPU whatever its section says
     scale_hint: str = ""                   # how to use more GPUs when multi_process is False
+    # An array stage whose task i waits only for task i of this upstream array stage (SLURM's aftercorr),
+    # when both arrays list the same tasks in the same order; else it waits for all of them (afterok).
+    corresponds_to: str | None = None
 
     @property
     def is_array(self) -> bool:
@@ -233,6 +266,11 @@ def trained_arms(cfg: PipelineConfig) -> list[Arm]:
     return [arm for arm in sweep_arms(cfg) if arm.trains]
 
 
+def from_sft_tasks(cfg: PipelineConfig) -> list[FromSft]:
+    """The eval_sft stage's array tasks: the SFT model itself, then each Best-of-N arm."""
+    return [FromSft(None)] + [FromSft(arm) for arm in sweep_arms(cfg) if not arm.trains]
+
+
 STAGES: list[Stage] = [
     Stage("sft", (), "pipeline.stages.sft:run", "sft", "sft", multi_process=True),
     Stage("pairs", ("sft",), "pipeline.stages.pairs:run_shard", "pairs", "pairs",
@@ -242,7 +280,13 @@ STAGES: list[Stage] = [
           needs_gpu=False),
     Stage("dpo", ("pairs_merge",), "pipeline.stages.dpo:run", "dpo", "dpo", tasks=trained_arms, task_type=Arm,
           multi_process=True),
-    Stage("eval", ("dpo",), "pipeline.stages.eval:run", "eval", "eval", scale_hint="eval runs one process"),
+    # eval: every policy evaluated by its own array task, then one small job assembles the frontier
+    Stage("eval_sft", ("sft",), "pipeline.stages.eval:run_from_sft", "eval", "eval/tasks", tasks=from_sft_tasks,
+          task_type=FromSft, scale_hint="each eval_sft task runs one process"),
+    Stage("eval_arms", ("dpo",), "pipeline.stages.eval:run_arm", "eval", "eval/tasks", tasks=trained_arms,
+          task_type=Arm, corresponds_to="dpo", scale_hint="each eval_arms task runs one process"),
+    Stage("eval", ("eval_sft", "eval_arms"), "pipeline.stages.eval:run", "eval", "eval", writes_progress=False,
+          needs_gpu=False),
 ]
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 

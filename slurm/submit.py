@@ -58,22 +58,34 @@ def _resources(resources: SlurmResources | None) -> SlurmResources:
     return resources
 
 
-def dependency_string(dependencies: Iterable[str], allow_placeholders: bool = False) -> str | None:
-    """`["101", "102_3"]` -> `"afterok:101:102_3"`; None when there are none.
-
-    With `allow_placeholders` (dry runs), `<stage>` stands for a job id not known yet.
-    """
-    if isinstance(dependencies, str):
-        raise ValueError(f"dependencies: expected a list of job ids, got the string {dependencies!r}; "
-                         f"write [{dependencies!r}]")
-    deps = [str(d) if isinstance(d, int) and not isinstance(d, bool) else d for d in dependencies]
+def _checked_ids(ids: Iterable[str], what: str, allow_placeholders: bool, whole_jobs: bool = False) -> list[str]:
+    if isinstance(ids, str):
+        raise ValueError(f"{what}: expected a list of job ids, got the string {ids!r}; write [{ids!r}]")
+    deps = [str(d) if isinstance(d, int) and not isinstance(d, bool) else d for d in ids]
     for i, dep in enumerate(deps):
         ok = isinstance(dep, str) and (re.fullmatch(_JOB_ID_RE, dep)
                                        or (allow_placeholders and re.fullmatch(_PLACEHOLDER_RE, dep)))
+        if ok and whole_jobs and "_" in dep:
+            raise ValueError(f"{what}[{i}]: {dep!r} is one task; aftercorr names a whole job array, e.g. "
+                             f"{dep.split('_')[0]!r}")
         if not ok:
             extra = " or a '<stage>' placeholder" if allow_placeholders else ""
-            raise ValueError(f"dependencies[{i}]: {dep!r} is not a SLURM job id such as '123' or '123_4'{extra}")
-    return "afterok:" + ":".join(deps) if deps else None
+            raise ValueError(f"{what}[{i}]: {dep!r} is not a SLURM job id such as '123' or '123_4'{extra}")
+    return deps
+
+
+def dependency_string(dependencies: Iterable[str], allow_placeholders: bool = False,
+                      corresponding: Iterable[str] = ()) -> str | None:
+    """`["101", "102_3"]` -> `"afterok:101:102_3"`; None when there are none.
+
+    `corresponding`: job arrays whose task i this array's task i waits for (and nothing else of
+    them), `aftercorr:ID`; with both kinds, `"afterok:101,aftercorr:103"` (all must hold).
+    With `allow_placeholders` (dry runs), `<stage>` stands for a job id not known yet.
+    """
+    deps = _checked_ids(dependencies, "dependencies", allow_placeholders)
+    corr = _checked_ids(corresponding, "corresponding", allow_placeholders, whole_jobs=True)
+    parts = (["afterok:" + ":".join(deps)] if deps else []) + (["aftercorr:" + ":".join(corr)] if corr else [])
+    return ",".join(parts) or None
 
 
 def _slurm_params(resources: SlurmResources, job_name: str, dependency: str | None) -> dict[str, Any]:
@@ -114,13 +126,14 @@ def local_gpu_params() -> dict:
 
 
 def make_executor(kind: str, folder: str | Path, resources: SlurmResources | None, job_name: str,
-                  dependencies: Iterable[str] = (), comment: str | None = None,
+                  dependencies: Iterable[str] = (), comment: str | None = None, corresponding: Iterable[str] = (),
                   ) -> submitit.SlurmExecutor | submitit.LocalExecutor:
     """A submitit executor for one stage, writing its scripts, pickles and logs into `folder`.
 
     kind="slurm": a `SlurmExecutor` with every parameter from `resources` (None = defaults), the
     job waiting for `dependencies` (`--dependency=afterok:ID:ID`; array parents wait for every
-    task), and up to `resources.max_requeues` requeues after time-outs of checkpointable jobs.
+    task) and, task by task, for the arrays in `corresponding` (`aftercorr:ID`), and up to
+    `resources.max_requeues` requeues after time-outs of checkpointable jobs.
     kind="local": a `LocalExecutor` with only the time limit (no dependencies allowed).
     `executor.submit(fn)` gives a single job; several submits inside `with executor.batch():`
     give one job array (a batch of exactly one is submitted as a plain job, as submitit does).
@@ -131,14 +144,14 @@ def make_executor(kind: str, folder: str | Path, resources: SlurmResources | Non
     path = _folder(folder)
     params = _slurm_params(resources, job_name, None)  # validates job_name for both kinds
     if kind == "local":
-        deps = list(dependencies)
+        deps = list(dependencies) + list(corresponding)
         if deps:
             raise ValueError(f"dependencies: the local executor cannot wait on SLURM jobs, got {deps!r}; run "
                              "stages one after another and pass no dependencies")
         executor = submitit.LocalExecutor(folder=path, max_num_timeout=resources.max_requeues)
         executor.update_parameters(timeout_min=resources.time_minutes, **local_gpu_params())
         return executor
-    params = _slurm_params(resources, job_name, dependency_string(dependencies))
+    params = _slurm_params(resources, job_name, dependency_string(dependencies, corresponding=corresponding))
     if comment is not None:  # finds the job in the queue if its submission was never recorded
         check_safe_text(comment, "comment", "comment")
         params["comment"] = comment
@@ -153,7 +166,7 @@ def make_executor(kind: str, folder: str | Path, resources: SlurmResources | Non
 
 def render_sbatch(resources: SlurmResources | None, folder: str | Path, job_name: str,
                   array_size: int | None = None, dependencies: Iterable[str] = (), *,
-                  python: str | None = None) -> str:
+                  python: str | None = None, corresponding: Iterable[str] = ()) -> str:
     """The sbatch script `make_executor("slurm", folder, resources, job_name, dependencies)` submits.
 
     `array_size` > 1 renders a job array (`--array=0-N-1%P`, logs named `%A_%a`); None or 1 a
@@ -166,7 +179,8 @@ def render_sbatch(resources: SlurmResources | None, folder: str | Path, job_name
     if array_size is not None and (isinstance(array_size, bool) or not isinstance(array_size, int)
                                    or array_size < 1):
         raise ValueError(f"array_size: expected None or an integer >= 1, got {array_size!r}")
-    params = _slurm_params(resources, job_name, dependency_string(dependencies, allow_placeholders=True))
+    params = _slurm_params(resources, job_name,
+                           dependency_string(dependencies, allow_placeholders=True, corresponding=corresponding))
     interpreter = shlex.quote(sys.executable) if python is None else python
     # Same command string as submitit.SlurmExecutor._submitit_command_str.
     command = " ".join([interpreter, "-u -m submitit.core._submit", shlex.quote(str(path))])

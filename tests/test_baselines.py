@@ -197,3 +197,15 @@ def test_with_tied_rewards_the_estimate_finds_the_smaller_kl():
     rng = random.Random(5)
     draws = rng.choices(levels, probs, k=40_000)
     assert empirical_kl(draws, n) == pytest.approx(exact, abs=0.01)
+
+
+def test_best_of_n_sampling_seeds_never_collide():
+    """Every (N, seed) arm samples with its own seed, never the SFT row's (run seed + 7), for any seeds
+    (a formula linear in N and seed repeated itself once seeds grew past its multiplier)."""
+    from pipeline.stages.eval import best_of_n_seed
+
+    run_seed = 9000
+    seeds = {(n, s): best_of_n_seed(Arm(n, "best_of_n", s), run_seed) for n in range(2, 65) for s in range(0, 9000, 7)}
+    seeds[(4, None)] = best_of_n_seed(Arm(4, "best_of_n"), run_seed)  # the run's own seed (9000, not listed)
+    assert len(set(seeds.values())) == len(seeds) == 63 * len(range(0, 9000, 7)) + 1
+    assert run_seed + 7 not in seeds.values() and all(0 < v < 2 ** 63 // 100003 for v in seeds.values())

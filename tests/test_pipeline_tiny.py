@@ -94,8 +94,8 @@ def test_second_run_does_no_work(tiny_run):
     before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("DONE.json")}
     jobs_before = json.loads((tiny_run / "jobs" / "jobs.json").read_text())
     proc = launch("run", "--preset", "tiny", "--run-dir", str(tiny_run), "--executor", "local", "--set", "num_threads=1")
-    assert proc.stdout.count("done, skipped") == 8, proc.stdout  # every task of the registry: sft, 2 shards,
-    # the merge, 3 betas, eval
+    assert proc.stdout.count("done, skipped") == 12, proc.stdout  # every task of the registry: sft, 2 shards,
+    # the merge, 3 betas, the SFT row's eval, 3 arms' evals, eval
     assert json.loads((tiny_run / "jobs" / "jobs.json").read_text()) == jobs_before
     assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("DONE.json")} == before
 
@@ -104,7 +104,8 @@ def test_status_reports_every_task_completed(tiny_run):
     rows = json.loads(launch("status", "--run-dir", str(tiny_run), "--json").stdout)
     assert [(r["stage"], r["task"]) for r in rows] == [
         ("sft", None), ("pairs", "0"), ("pairs", "1"), ("pairs_merge", None),
-        ("dpo", "0.05"), ("dpo", "0.1"), ("dpo", "1.0"), ("eval", None)]
+        ("dpo", "0.05"), ("dpo", "0.1"), ("dpo", "1.0"), ("eval_sft", "sft"),
+        ("eval_arms", "0.05"), ("eval_arms", "0.1"), ("eval_arms", "1.0"), ("eval", None)]
     assert all(r["state"] == "COMPLETED" and r["restarts"] == 0 for r in rows)
     dpo = next(r for r in rows if r["task"] == "0.1")
     assert dpo["step"] == dpo["total_steps"] == 75

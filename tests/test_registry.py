@@ -12,7 +12,7 @@ from conftest import REPO, launch
 from jobs import records
 from jobs.config import SlurmConfig, resolve_config, save_config
 from pipeline.layout import RunLayout
-from pipeline.registry import STAGE_BY_NAME, STAGES, Arm, Shard, get_stage, stages_until
+from pipeline.registry import STAGE_BY_NAME, STAGES, Arm, FromSft, Shard, get_stage, stages_until
 from slurm import submit
 
 
@@ -28,7 +28,7 @@ def test_every_stage_is_declared_consistently():
         assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), stage.run
         seen.add(stage.name)
     assert [s.name for s in stages_until("pairs_merge")] == ["sft", "pairs", "pairs_merge"]
-    with pytest.raises(ValueError, match="unknown stage 'nope'; stages: sft, pairs, pairs_merge, dpo, eval"):
+    with pytest.raises(ValueError, match="unknown stage 'nope'; stages: sft, pairs, pairs_merge, dpo, eval_sft, eval_arms, eval$"):
         get_stage("nope")
 
 
@@ -37,6 +37,41 @@ def test_tasks_of_the_tiny_preset():
     assert STAGE_BY_NAME["pairs"].task_list(cfg) == [Shard(0), Shard(1)]
     assert [a.key for a in STAGE_BY_NAME["dpo"].task_list(cfg)] == ["0.05", "0.1", "1.0"]
     assert STAGE_BY_NAME["eval"].task_list(cfg) == [None]
+    # eval scales out: the SFT row (and Best-of-N arms) after sft, one task per trained arm after its dpo task
+    assert [t.key for t in STAGE_BY_NAME["eval_sft"].task_list(cfg)] == ["sft"]
+    assert STAGE_BY_NAME["eval_arms"].task_list(cfg) == STAGE_BY_NAME["dpo"].task_list(cfg)
+    assert STAGE_BY_NAME["eval_arms"].corresponds_to == "dpo" and not STAGE_BY_NAME["eval"].needs_gpu
+    methods = resolve_config("tiny-methods")
+    assert [t.key for t in STAGE_BY_NAME["eval_sft"].task_list(methods)] == [
+        "sft", "best_of_n:2:seed0", "best_of_n:2:seed1", "best_of_n:4:seed0", "best_of_n:4:seed1",
+        "best_of_n:8:seed0", "best_of_n:8:seed1"]
+    assert len(STAGE_BY_NAME["eval_arms"].task_list(methods)) == 18
+
+
+def test_eval_sft_tasks_parse_and_refuse_trained_arms():
+    stage = get_stage("eval_sft")
+    assert stage.parse_task("sft") == FromSft() and stage.parse_task(" SFT ").dirname == "sft"
+    task = stage.parse_task("best_of_n:4")
+    assert task == FromSft(Arm(4, "best_of_n")) and task.key == "best_of_n:4" and task.dirname == "best-of-n-4"
+    with pytest.raises(ValueError, match="dpo is trained; its eval is an eval_arms task"):
+        stage.parse_task("0.1")
+    with pytest.raises(ValueError, match="an eval_sft task is 'sft' or a Best-of-N arm"):
+        stage.parse_task("nope:x")
+
+
+def test_eval_assembly_names_the_missing_results(tmp_path):
+    from pipeline.layout import atomic_write_json
+    from pipeline.stages import eval as eval_stage
+
+    cfg = resolve_config("tiny")
+    layout = RunLayout(tmp_path)
+    for arm in STAGE_BY_NAME["dpo"].task_list(cfg):
+        atomic_write_json(layout.done_path("dpo", arm), {"metrics": {"global_step": 75}})
+    atomic_write_json(layout.eval_result("sft"), {"policy": "sft"})
+    with pytest.raises(RuntimeError, match=r"no result for 3 polic\(ies\) \(dpo-beta-0.05-step75, "
+                                           r"dpo-beta-0.1-step75, dpo-beta-1.0-step75\).*launch.py resume"):
+        eval_stage.run(cfg, layout)
+    assert not layout.is_done("eval") and not layout.frontier_csv.exists()
 
 
 def test_task_directories_and_done_checks(tmp_path):

@@ -68,26 +68,29 @@ def test_a_pairs_shard_stopped_mid_shard_resumes_to_the_same_file(tiny_run, tmp_
 
 @pytest.mark.slow
 def test_eval_stopped_midway_resumes_to_the_same_frontier(tiny_run, tmp_path):
-    # one beta: SFT + its 3 checkpoints are 4 policies to evaluate (the rows compare with the tiny run's)
+    # one beta: its 3 checkpoints are one eval_arms task of 3 policies; then the SFT row and the assembly
+    # (the rows compare with the tiny run's)
     run_dir = clone_before_dpo(tiny_run, tmp_path / "run", stages=("data", "sft", "pairs", "dpo"),
                                dpo={"betas": [0.1]})
     policies = run_dir / "eval" / "policies"
-    proc = start_stage_job(run_dir, "eval", None)
-    wait_for_files(policies, "*.json", proc, timeout=600)  # at least SFT evaluated
+    task_dir = run_dir / "eval" / "tasks" / "beta-0.1"
+    proc = start_stage_job(run_dir, "eval_arms", "0.1")
+    wait_for_files(policies, "*.json", proc, timeout=600)  # at least one checkpoint evaluated
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "stopped on request (timeout)" in out, out
-    stopped = json.loads((run_dir / "eval" / "progress.json").read_text())
+    stopped = json.loads((task_dir / "progress.json").read_text())
     assert (stopped["status"], stopped["stop_reason"]) == ("interrupted", "timeout")
     evaluated = len(list(policies.glob("*.json")))
-    assert 1 <= evaluated < 4 and not (run_dir / "eval" / "DONE.json").exists()
+    assert 1 <= evaluated < 3 and not (task_dir / "DONE.json").exists()
 
-    proc = start_stage_job(run_dir, "eval", None)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out
+    for stage, task in (("eval_arms", "0.1"), ("eval_sft", "sft"), ("eval", None)):
+        proc = start_stage_job(run_dir, stage, task)
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out
     expected = [row for row in (tiny_run / "eval" / "frontier.csv").read_text().splitlines()
                 if row.split(",")[1] in ("beta", "", "0.1")]
     assert (run_dir / "eval" / "frontier.csv").read_text().splitlines() == expected and len(expected) == 5
-    (restart,) = json.loads((run_dir / "eval" / "progress.json").read_text())["restarts"]
+    (restart,) = json.loads((task_dir / "progress.json").read_text())["restarts"]
     assert (restart["cause"], restart["resumed_from_step"]) == ("timeout", evaluated)
     assert not list(policies.glob("*.partial"))

@@ -25,9 +25,12 @@ from conftest import launch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STAGES = ["sft", "pairs", "pairs_merge", "dpo", "eval"]
-UPSTREAM = {"sft": [], "pairs": ["sft"], "pairs_merge": ["pairs"], "dpo": ["pairs_merge"], "eval": ["dpo"]}
-TINY_TASKS = {"sft": [None], "pairs": ["0", "1"], "pairs_merge": [None], "dpo": ["0.05", "0.1", "1.0"], "eval": [None]}
+STAGES = ["sft", "pairs", "pairs_merge", "dpo", "eval_sft", "eval_arms", "eval"]
+UPSTREAM = {"sft": [], "pairs": ["sft"], "pairs_merge": ["pairs"], "dpo": ["pairs_merge"], "eval_sft": ["sft"],
+            "eval_arms": ["dpo"], "eval": ["eval_sft", "eval_arms"]}
+CORRESPONDING = {"eval_arms": "dpo"}  # task i waits for the upstream array's task i alone (aftercorr)
+TINY_TASKS = {"sft": [None], "pairs": ["0", "1"], "pairs_merge": [None], "dpo": ["0.05", "0.1", "1.0"],
+              "eval_sft": ["sft"], "eval_arms": ["0.05", "0.1", "1.0"], "eval": [None]}
 ROW_KEYS = {"stage", "task", "job_id", "state", "done", "node", "elapsed_s", "step", "total_steps", "restarts",
             "resumed_from", "lost_steps", "last_checkpoint", "eta_s", "submissions", "stop_save_s", "warnings"}
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"}
@@ -202,6 +205,7 @@ def test_dry_run_prints_every_sbatch_script_and_submits_nothing(slurm_cluster, t
     blocks = dict(re.findall(r"^# ---- stage (\w+)[^\n]*\n(.*?)(?=^# ---- stage |\Z)", out, re.M | re.S))
     assert list(blocks) == STAGES, out
     assert re.search(r"^# ---- stage dpo tasks 0\.05, 0\.1, 1\.0$", out, re.M), out
+    assert re.search(r"^# ---- stage eval_arms tasks 0\.05, 0\.1, 1\.0$", out, re.M), out
     assert re.search(r"^# ---- stage pairs tasks 0, 1$", out, re.M), out
     for stage, script in blocks.items():
         assert script.lstrip().startswith("#!/bin/bash"), (stage, script)
@@ -209,12 +213,15 @@ def test_dry_run_prints_every_sbatch_script_and_submits_nothing(slurm_cluster, t
         assert "#SBATCH --time=30\n" in script, (stage, script)  # tiny: 00:30:00
         assert re.search(r"^srun .* -m submitit\.core\._submit ", script, re.M), (stage, script)
         deps = re.findall(r"^#SBATCH --dependency=(.*)$", script, re.M)
-        if UPSTREAM[stage]:
-            assert [d.strip("'\"") for d in deps] == [f"afterok:<{UPSTREAM[stage][0]}>"], (stage, deps)
+        if stage in CORRESPONDING:
+            assert [d.strip("'\"") for d in deps] == [f"aftercorr:<{CORRESPONDING[stage]}>"], (stage, deps)
+        elif UPSTREAM[stage]:
+            wanted = "afterok:" + ":".join(f"<{up}>" for up in UPSTREAM[stage])
+            assert [d.strip("'\"") for d in deps] == [wanted], (stage, deps)
         else:
             assert deps == [], (stage, deps)
         arrays = re.findall(r"^#SBATCH --array=(.*)$", script, re.M)
-        expected = {"pairs": r"0-1(%\d+)?", "dpo": r"0-2(%\d+)?"}.get(stage)
+        expected = {"pairs": r"0-1(%\d+)?", "dpo": r"0-2(%\d+)?", "eval_arms": r"0-2(%\d+)?"}.get(stage)
         if expected:
             assert len(arrays) == 1 and re.fullmatch(expected, arrays[0]), (stage, arrays)
             assert "%A_%a_0_log.out" in script, (stage, script)
@@ -268,8 +275,12 @@ def test_run_submits_every_stage_and_returns_at_once(slurm_run):
     # the dependency chain as printed: each stage after its upstream job's id
     ids = {s["stage"]: s["job_id"] for s in subs}
     for stage, ups in UPSTREAM.items():
-        if ups:
-            assert re.search(rf"^\s*{stage}: submitted job {ids[stage]}.* after {ids[ups[0]]}$", out, re.M), out
+        if stage in CORRESPONDING:
+            assert re.search(rf"^\s*{stage}: submitted job {ids[stage]}.* task by task after {ids[ups[0]]}$",
+                             out, re.M), out
+        elif ups:
+            after = ",".join(ids[up] for up in ups)
+            assert re.search(rf"^\s*{stage}: submitted job {ids[stage]}.* after {after}$", out, re.M), out
     # it returned at once: long before the pipeline could finish
     assert slurm_run["submit_s"] < 90, slurm_run["submit_s"]
     first = {(r["stage"], r["task"]): r for r in slurm_run["polls"][0][1]}
@@ -325,6 +336,12 @@ def test_afterok_ordering_in_sacct(slurm_run):
         for up in ups:
             last_end = max(r["end"] for r in by_stage[up].values())
             for job_id, row in by_stage[stage].items():
+                if CORRESPONDING.get(stage) == up:  # task i after the upstream's task i
+                    index = job_id.split("_")[1]
+                    (up_end,) = [r["end"] for i, r in by_stage[up].items() if i.split("_")[1] == index]
+                    assert row["start"] >= up_end, (f"{stage} task {job_id} started {row['start']} before its "
+                                                    f"{up} task ended {up_end}")
+                    continue
                 assert row["start"] >= last_end, (f"{stage} job {job_id} started {row['start']} before "
                                                   f"{up} ended {last_end}")
     # all stages were submitted at once, before the first one ended (the chain is SLURM's doing)
@@ -442,7 +459,7 @@ def test_cancel_ends_every_job_cancelled_and_nothing_downstream_runs(cancelled_r
     assert not list(run_dir.glob("pairs/shards/*.jsonl")) and not (run_dir / "pairs" / "DONE.json").exists()
     assert not list(run_dir.glob("dpo/*/progress.json")) and not list(run_dir.glob("dpo/*/DONE.json"))
     assert not (run_dir / "eval" / "frontier.csv").exists()
-    for stage in ("pairs", "pairs_merge", "dpo", "eval"):
+    for stage in STAGES[1:]:
         assert not list((run_dir / "jobs" / stage).glob("*_log.out")), stage
     rows = status_rows(run_dir)
     assert not any(r["done"] for r in rows), rows
@@ -497,8 +514,9 @@ def test_relaunch_after_cancel_resubmits_and_rewires(cancelled_run):
         queued = wait_for(waiting_on_new_jobs, 60, "the relaunched downstream jobs to pend on Dependency")
         for job_id, stage in downstream.items():
             dep = queued[job_id]["dependency"]
-            upstream_ids = re.findall(r"afterok:(\d+)", dep)
-            assert upstream_ids == [parents[UPSTREAM[stage][0]]], (stage, job_id, dep)
+            kind = "aftercorr" if stage in CORRESPONDING else "afterok"
+            upstream_ids = re.findall(rf"{kind}:(\d+)", dep)
+            assert upstream_ids == [parents[up] for up in UPSTREAM[stage]], (stage, job_id, dep)
         status = {(r["stage"], r["task"]): r for r in status_rows(run_dir)}
         assert all(r["submissions"] == 2 for r in status.values()), status
         assert all(status[(s, t or None)]["job_id"] == j for (s, t), j in new.items())

@@ -352,6 +352,20 @@ def test_render_sbatch_single_job_and_placeholders():
     assert f"{shlex.quote(sys.executable)} -u -m submitit.core._submit /x" in default_python
 
 
+def test_dependencies_by_task_render_as_aftercorr():
+    assert submit.dependency_string([], corresponding=["12"]) == "aftercorr:12"
+    assert submit.dependency_string(["14"], corresponding=["12"]) == "afterok:14,aftercorr:12"  # both must hold
+    assert submit.dependency_string([], corresponding=[]) is None
+    text = submit.render_sbatch(None, "/x/jobs/eval_arms", "eval_arms", array_size=3, corresponding=["<dpo>"],
+                                python="python")
+    assert "#SBATCH --dependency='aftercorr:<dpo>'" in text and "#SBATCH --array=0-2" in text
+    with pytest.raises(ValueError, match=r"^corresponding\[0\]: '12_1' is one task; aftercorr names a whole job "
+                                         r"array, e.g. '12'"):
+        submit.dependency_string([], corresponding=["12_1"])
+    with pytest.raises(ValueError, match=r"^corresponding\[0\]: 'x' is not a SLURM job id"):
+        submit.dependency_string([], corresponding=["x"])
+
+
 @pytest.mark.parametrize("array_size", [0, -1, True, "3"])
 def test_render_sbatch_array_size_checked(array_size):
     with pytest.raises(ValueError, match=r"^array_size: "):

@@ -95,7 +95,8 @@ def job_log(run_dir: Path, stage: str, job_id: str) -> str:
 
 def test_pairs_and_eval_survive_their_time_limits(tiny_run, tmp_path, slurm_cluster):
     # pairs: one shard of 200 prompts x 24 completions in 120 sampling batches;
-    # eval: every tiny policy (SFT + 3 arms' checkpoints) with 16 samples per prompt in 12 batches each
+    # eval: every tiny policy (SFT + 3 arms' checkpoints) with 16 samples per prompt in 12 batches each; the
+    # SFT row's task (eval_sft) is the one held past its limit, the arms' tasks (eval_arms) run beside it
     pairs_run = clone_before_dpo(tiny_run, tmp_path / "pairs", stages=("data", "sft"),
                                  pairs={"num_shards": 1, "completions_per_prompt": 24, "max_new_tokens": 112,
                                         "batch_size": 40},
@@ -104,15 +105,16 @@ def test_pairs_and_eval_survive_their_time_limits(tiny_run, tmp_path, slurm_clus
                                 eval={"samples_per_prompt": 16, "batch_size": 64}, slurm={"eval": SHORT_LIMIT})
     launch("run", "--run-dir", str(pairs_run), "--executor", "slurm", "--until", "pairs_merge")
     launch("run", "--run-dir", str(eval_run), "--executor", "slurm", "--until", "eval")
-    pairs_job, merge_job, eval_job = (submitted_job(pairs_run, "pairs"), submitted_job(pairs_run, "pairs_merge"),
-                                      submitted_job(eval_run, "eval"))
+    pairs_job, merge_job, eval_job, assemble_job = (
+        submitted_job(pairs_run, "pairs"), submitted_job(pairs_run, "pairs_merge"), submitted_job(eval_run, "eval_sft"),
+        submitted_job(eval_run, "eval"))
     with ThreadPoolExecutor(2) as pool:  # both held at once: each job's clock runs from its own start
         holds = [pool.submit(outlast_the_limit, pairs_run, "pairs", "pairs/shards/shard-00000.partial/batch-*.jsonl"),
-                 pool.submit(outlast_the_limit, eval_run, "eval", "eval/policies/*.partial/batch-*.jsonl")]
+                 pool.submit(outlast_the_limit, eval_run, "eval_sft", "eval/policies/sft.partial/batch-*.jsonl")]
         for hold in holds:
             hold.result()
     wait_for_file(pairs_run / "pairs" / "DONE.json", 600, pairs_job, pairs_run)
-    wait_for_file(eval_run / "eval" / "DONE.json", 600, eval_job, eval_run)
+    wait_for_file(eval_run / "eval" / "DONE.json", 600, assemble_job, eval_run)
     for run_dir in (pairs_run, eval_run):  # one launch each, no stage submitted twice: every requeue was the job's own
         stages = [entry["stage"] for entry in json.loads((run_dir / "jobs" / "jobs.json").read_text())["submissions"]]
         assert len(stages) == len(set(stages)), stages
@@ -129,15 +131,19 @@ def test_pairs_and_eval_survive_their_time_limits(tiny_run, tmp_path, slurm_clus
     assert [state for _, state in sacct_history(merge_job)] == ["COMPLETED"]
     assert not (pairs_run / "pairs" / "shards" / "shard-00000.partial").exists()  # partial batches cleaned up
 
-    # eval: stopped and requeued; every restart resumed at the policy it stopped in (no policy redone)
+    # eval: the SFT row's task stopped and requeued; every restart resumed at the policy it stopped in (no
+    # policy redone) and within it from the saved batches; the assembly behind it (afterok) ran once
     eval_states = requeued_then_completed(eval_job)
-    progress = json.loads((eval_run / "eval" / "progress.json").read_text())
+    progress = json.loads((eval_run / "eval" / "tasks" / "sft" / "progress.json").read_text())
     assert len(progress["restarts"]) == eval_states.count("REQUEUED")
     for restart in progress["restarts"]:
         assert restart["cause"] == "timeout" and restart["resumed_from_step"] == restart["step_before"]
     policies = json.loads((eval_run / "eval" / "DONE.json").read_text())["inputs"]["policies"]
     rows = (eval_run / "eval" / "frontier.csv").read_text().splitlines()[1:]
     assert len(rows) == len(policies) == len(list((eval_run / "eval" / "policies").glob("*.json")))
+    in_policy = RESTORED.findall(job_log(eval_run, "eval_sft", eval_job))
+    assert in_policy and all(label == "eval sft" and int(n) > 0 for label, n in in_policy), in_policy
+    assert [state for _, state in sacct_history(assemble_job)] == ["COMPLETED"]
     print(f"pairs: {pairs_states}, batches restored per restart {restored}; eval: {eval_states}, restarts "
           f"{[(r['step_before'], r['resumed_from_step']) for r in progress['restarts']]}, "
-          f"in-policy restores {RESTORED.findall(job_log(eval_run, 'eval', eval_job))}")
+          f"in-policy restores {in_policy}")

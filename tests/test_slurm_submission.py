@@ -26,11 +26,11 @@ def test_a_refused_stage_cancels_what_the_launch_submitted(slurm_cluster, tmp_pa
                   "--set", "slurm.eval.partition=nosuchpartition", check=False, timeout=300)
     try:
         assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "stage eval: SLURM refused the job" in proc.stderr and "nvalid partition" in proc.stderr
+        assert "stage eval_sft: SLURM refused the job" in proc.stderr and "nvalid partition" in proc.stderr
         assert "cancelled the 4 job(s) this launch had submitted" in proc.stderr
         submitted = [line.split("submitted job ")[1].split()[0] for line in proc.stdout.splitlines()
                      if "submitted job" in line]
-        assert len(submitted) == 4  # sft, pairs, pairs_merge, dpo
+        assert len(submitted) == 4  # sft, pairs, pairs_merge, dpo (eval_sft, the first stage on slurm.eval, refused)
         wait_for(lambda: not queued_jobs_named(name), 120, "the cancelled jobs to leave the queue")
         states = sacct_by_ids(submitted)
         assert {states[j]["state"] for j in submitted if j in states} <= {"CANCELLED"}

@@ -1,5 +1,12 @@
 """Stage 4: sentiment reward vs KL to the reference for SFT and every DPO checkpoint.
 
+Three stages (pipeline.registry), so eval scales out with the sweep:
+- eval_sft (array, after sft): the SFT model itself (the reference row) and each Best-of-N arm;
+- eval_arms (array, after dpo; on SLURM task i waits only for dpo task i, `aftercorr`): every eval
+  checkpoint and the final model of one trained arm;
+- eval (one small job, no GPU): assembles frontier.csv, frontier.png, the training curves and report.md
+  from the per-policy results.
+
 For each policy: sample `samples_per_prompt` completions per eval prompt, score them, and estimate
 KL(pi || pi_ref) = E_{y~pi}[sum_t log pi(y_t|.) - log pi_ref(y_t|.)] with pi_ref = the SFT model.
 
@@ -39,8 +46,8 @@ from pipeline import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.layout import RunLayout, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_manifest
-from pipeline.progress import ProgressFile
 from pipeline.methods import DEFAULT_METHOD, METHODS
+from pipeline.progress import ProgressFile
 from pipeline.registry import Arm, sweep_arms
 
 # policy: sft, dpo (the stage that trained it) or best_of_n (sampled from sft); method/strength/seed
@@ -71,33 +78,39 @@ class Policy:
 
 
 def best_of_n_seed(arm: Arm, run_seed: int) -> int:
-    """The sampling seed of a Best-of-N arm: distinct per N and seed, and from the SFT row's (run seed + 7)."""
-    return 7919 * arm.strength + arm.training_seed(run_seed) + 13
+    """The sampling seed of a Best-of-N arm: one per (N, seed) pair (Cantor's pairing is one-to-one), in a
+    range of its own (from 2**40 on), so never another arm's nor the SFT row's (run seed + 7)."""
+    n, seed = arm.strength, arm.training_seed(run_seed)
+    return 2 ** 40 + (n + seed) * (n + seed + 1) // 2 + seed
+
+
+def sft_policy(layout: RunLayout) -> Policy:
+    return Policy("sft", "sft", None, 0, layout.sft_model)
+
+
+def arm_policies(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> list[Policy]:
+    """A trained arm's policies: every periodic eval checkpoint and the final model (deduplicated by
+    step); a Best-of-N arm's one policy (the SFT model, sampled N times per draw)."""
+    from pipeline.training import complete_checkpoints, is_eval_checkpoint
+
+    identity = {"method": arm.method, "seed": arm.training_seed(cfg.seed), "arm": arm.tag, "strength": arm.strength}
+    if not arm.trains:
+        return [Policy(arm.tag, arm.method, None, 0, layout.sft_model, **identity)]
+    manifest = read_json(layout.done_path("dpo", arm))
+    if manifest is None:
+        raise RuntimeError(f"eval: {arm.method} {arm.tag} is not trained yet ({layout.done_path('dpo', arm)} "
+                           f"missing); its dpo task {arm.key!r} must finish first")
+    final_step = manifest["metrics"]["global_step"]
+    policies = [Policy(f"dpo-{arm.tag}-step{step}", "dpo", arm.beta, step, path, **identity)
+                for step, path in complete_checkpoints(layout.checkpoints_dir("dpo", arm))
+                if step != final_step and is_eval_checkpoint(step, cfg.dpo.save_steps)]
+    return policies + [Policy(f"dpo-{arm.tag}-step{final_step}", "dpo", arm.beta, final_step,
+                              layout.final_model("dpo", arm), **identity)]
 
 
 def list_policies(cfg: PipelineConfig, layout: RunLayout) -> list[Policy]:
-    """SFT, then for each trained arm every periodic checkpoint and the final model (deduplicated by
-    step), for a Best-of-N arm one policy (the SFT model, sampled N times per draw)."""
-    from pipeline.training import complete_checkpoints, is_eval_checkpoint
-
-    policies = [Policy("sft", "sft", None, 0, layout.sft_model)]
-    for arm in sweep_arms(cfg):
-        if not arm.trains:
-            policies.append(Policy(arm.tag, arm.method, None, 0, layout.sft_model, method=arm.method,
-                                   seed=arm.training_seed(cfg.seed), arm=arm.tag, strength=arm.strength))
-            continue
-        manifest = read_json(layout.done_path("dpo", arm))
-        if manifest is None:
-            raise RuntimeError(f"eval: DPO {arm.tag} is not finished ({layout.done_path('dpo', arm)} missing)")
-        final_step = manifest["metrics"]["global_step"]
-        identity = {"method": arm.method, "seed": arm.training_seed(cfg.seed), "arm": arm.tag,
-                    "strength": arm.strength}
-        for step, path in complete_checkpoints(layout.checkpoints_dir("dpo", arm)):
-            if step != final_step and is_eval_checkpoint(step, cfg.dpo.save_steps):
-                policies.append(Policy(f"dpo-{arm.tag}-step{step}", "dpo", arm.beta, step, path, **identity))
-        policies.append(Policy(f"dpo-{arm.tag}-step{final_step}", "dpo", arm.beta, final_step,
-                               layout.final_model("dpo", arm), **identity))
-    return policies
+    """Every policy of the frontier: SFT, then each arm's (`arm_policies`) in sweep order."""
+    return [sft_policy(layout)] + [p for arm in sweep_arms(cfg) for p in arm_policies(cfg, layout, arm)]
 
 
 def stderr_from_population_std(std: float, n: int) -> float:
@@ -447,12 +460,15 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
-    if layout.is_done("eval"):
-        return read_json(layout.done_path("eval"))
-    started = time.time()
-    from tqdm import tqdm
+def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, policies: list[Policy]) -> dict:
+    """Evaluate `policies` (one eval task's) into eval/policies/<id>.json, resuming per policy and per
+    sampling batch; the task's DONE.json lists them."""
+    from pipeline.registry import get_stage
 
+    stage = get_stage(stage_name)
+    if stage.is_done(layout, task):
+        return read_json(stage.done_path(layout, task))
+    started = time.time()
     from pipeline.models import (load_model, load_tokenizer, load_weights_into, resolve_device, resolve_dtype,
                                  setup_process)
     from pipeline.reward import make_reward
@@ -460,42 +476,75 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     setup_process(cfg)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.model, device)
-    policies = list_policies(cfg, layout)
     prompts = [r["prompt"] for r in read_jsonl(layout.eval_prompts)]
     tokenizer = load_tokenizer(layout.sft_model)
-    ref_model = load_model(layout.sft_model, device, dtype)
+    ref_model = load_model(layout.sft_model, device, dtype)  # the reference, and what SFT/Best-of-N sample from
     reward = make_reward(cfg.reward, device)
-    progress = ProgressFile(layout.progress_path("eval"))
+    progress = ProgressFile(stage.progress_path(layout, task))
     progress.start(sum(layout.eval_result(p.id).is_file() for p in policies))  # resumes per policy
     results = []
-    policy_model = None  # one model for every DPO checkpoint, weights copied in (see load_weights_into)
+    policy_model = None  # one model for every checkpoint of the arm, weights copied in (see load_weights_into)
+    label = stage.label(task)
     try:
-        for index, policy in enumerate(tqdm(policies, desc="eval policies", mininterval=5)):
-            interrupt.check(index, f"{index} of {len(policies)} policies evaluated")
+        for index, policy in enumerate(policies):
+            interrupt.check(index, f"{label}: {index} of {len(policies)} policies evaluated")
             out = layout.eval_result(policy.id)
             result = read_json(out)
-            if result is None and policy.kind == "best_of_n":  # sampled from the SFT model, no weights to load
-                partial = out.with_suffix(".partial")
-                result = evaluate_best_of_n(cfg, policy, ref_model, tokenizer, reward, prompts, partial)
-                atomic_write_json(out, result)
-                shutil.rmtree(partial, ignore_errors=True)
             if result is None:
-                if policy.kind == "sft":
-                    model = ref_model
-                elif policy_model is None:
-                    model = policy_model = load_model(policy.path, device, dtype)
-                else:
-                    load_weights_into(policy_model, policy.path)
-                    model = policy_model
                 partial = out.with_suffix(".partial")
-                result = evaluate_policy(cfg, policy, model, ref_model, tokenizer, reward, prompts, partial)
+                if policy.kind == "best_of_n":  # sampled from the SFT model, no weights to load
+                    result = evaluate_best_of_n(cfg, policy, ref_model, tokenizer, reward, prompts, partial)
+                else:
+                    if policy.kind == "sft":
+                        model = ref_model
+                    elif policy_model is None:
+                        model = policy_model = load_model(policy.path, device, dtype)
+                    else:
+                        load_weights_into(policy_model, policy.path)
+                        model = policy_model
+                    result = evaluate_policy(cfg, policy, model, ref_model, tokenizer, reward, prompts, partial)
                 atomic_write_json(out, result)
                 shutil.rmtree(partial, ignore_errors=True)
-            results.append({**result, **policy.identity()} if policy.kind != "sft" else result)
+            print(f"{label}: {policy.id}: reward {result['reward']:.4f}, KL {result['kl']:.4f}", flush=True)
+            results.append(result)
             progress.update(step=index + 1, total_steps=len(policies))
     except interrupt.StageInterrupted as stop:  # saved per policy and per sampling batch; rerunning resumes
         progress.stopped(stop.reason, len(results))
         raise
+    final = results[-1]
+    metrics = {"policies": len(results), "reward": final["reward"], "kl": final["kl"], "step": final["step"]}
+    progress.update(force=True, status="done")
+    return write_manifest(stage.done_path(layout, task), config=to_dict(cfg), started=started,
+                          inputs={"policies": [p.id for p in policies]}, metrics=metrics)
+
+
+def run_from_sft(cfg: PipelineConfig, layout: RunLayout, task) -> dict:
+    """An eval_sft task: the SFT model itself (the reference row) or a Best-of-N arm sampled from it."""
+    policies = [sft_policy(layout)] if task.arm is None else arm_policies(cfg, layout, task.arm)
+    return _evaluate(cfg, layout, "eval_sft", task, policies)
+
+
+def run_arm(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
+    """An eval_arms task: every eval checkpoint and the final model of one trained arm."""
+    return _evaluate(cfg, layout, "eval_arms", arm, arm_policies(cfg, layout, arm))
+
+
+def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
+    """The eval stage: assemble the frontier (csv, plot), the training curves and the report from the
+    results the eval_sft and eval_arms tasks wrote. No model is loaded: it needs no GPU."""
+    if layout.is_done("eval"):
+        return read_json(layout.done_path("eval"))
+    started = time.time()
+    policies = list_policies(cfg, layout)
+    missing = [p.id for p in policies if not layout.eval_result(p.id).is_file()]
+    if missing:
+        raise RuntimeError(f"eval: no result for {len(missing)} polic(ies) ({', '.join(missing[:6])}"
+                           f"{' ...' if len(missing) > 6 else ''}): their eval_sft / eval_arms task did not finish; "
+                           "`launch.py resume` runs what is missing")
+    results = []
+    for policy in policies:
+        result = read_json(layout.eval_result(policy.id))
+        results.append({**result, **policy.identity()} if policy.kind != "sft" else result)
     atomic_write_text(layout.frontier_csv, frontier_csv(results))
     if several_seeds(results):
         atomic_write_text(layout.frontier_seeds_csv, seed_means_csv(seed_means(results)))
@@ -510,6 +559,5 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
                **{f"{r['policy']}/{tag}/reward": r["reward"] for tag, r in finals.items()},
                **{f"{r['policy']}/{tag}/kl": r["kl"] for tag, r in finals.items()},
                "policies": len(results)}
-    progress.update(force=True, status="done")
     return write_manifest(layout.done_path("eval"), config=to_dict(cfg), started=started,
                           inputs={"policies": [p.id for p in policies]}, metrics=metrics)
