@@ -1,6 +1,8 @@
 """Shared fixtures. Tests run single-threaded per process: CI has 2 cores and runs jobs beside them."""
 import json
 import os
+import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -110,3 +112,54 @@ def max_weight_difference(a: Path, b: Path) -> float:
     wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
     assert wa.keys() == wb.keys()
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def _state_is(pid: int, state: str) -> bool | None:
+    """Whether process `pid` is in `state` (None once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == state
+    except FileNotFoundError:
+        return None
+
+
+def warned_or_released(pid: int) -> bool:
+    """Whether SLURM's time-limit warning reached process `pid`: SIGUSR2 pending on it (sent with kill(),
+    so in the shared pending set), or the process running again or gone (slurmstepd follows a signal to
+    a stopped step with SIGCONT)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    pending = int(re.search(r"^ShdPnd:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(pending & (1 << (signal.SIGUSR2 - 1))) or not _state_is(pid, "T")
+
+
+def outlast_the_limit(run_dir: Path, stage: str, started: str, timeout: float = 300) -> None:
+    """Make a SLURM job's work outlast its time limit, whatever the machine's speed: once `started` (a
+    glob under the run directory: the stage's first saved batch, its progress file) exists, hold the
+    stage's job process (SIGSTOP) until SLURM's time-limit warning (USR2) reaches it, then let it go on:
+    it stops at its next step or batch boundary, saves and requeues itself. To the job this is work that
+    took longer than its limit (the tiny stages are fast enough to finish before the warning, sent 30-60 s
+    after the start with a 2-minute limit and a 60 s lead)."""
+    deadline = time.time() + timeout
+    while not list(run_dir.glob(started)):
+        assert time.time() < deadline, f"{stage}: {started} missing after {timeout} s"
+        time.sleep(0.2)
+    matches = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}/jobs/{stage}( |$)"],
+                             capture_output=True, text=True).stdout.split()
+    found = [pid for pid in matches if Path(f"/proc/{pid}/comm").read_text().startswith("python")]  # not srun
+    assert len(found) == 1, f"{stage}: expected one Python job process, found {found} of {matches}"
+    pid = int(found[0])
+    os.kill(pid, signal.SIGSTOP)
+    while _state_is(pid, "T") is False:  # SIGSTOP takes effect asynchronously
+        time.sleep(0.05)
+    deadline = time.time() + 150  # the warning comes at the latest at limit - lead = 60 s after the start
+    try:
+        while not warned_or_released(pid):
+            assert time.time() < deadline, f"{stage}: SLURM's USR2 never arrived"
+            time.sleep(0.2)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

@@ -1,8 +1,9 @@
 """Requeue on the real SLURM cluster: time limits, preemption and SIGKILL lose no (or bounded) work.
 
-Each test clones the finished stages of the tiny run, lengthens the stage under test so a
-2-minute limit interrupts it, submits it with `launch.py run --until STAGE` and compares the result
-with the same stage run uninterrupted.
+Each test clones the finished stages of the tiny run, lengthens the stage under test, submits it
+with `launch.py run --until STAGE` and compares the result with the same stage run uninterrupted.
+The time-limit tests hold the job once it saved its first checkpoint until SLURM's warning reaches it
+(conftest.outlast_the_limit): on a fast machine the tiny stage would otherwise end before it.
 """
 import json
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clone_before_dpo, launch, max_weight_difference, start_stage_job, wait_for_step
+from conftest import clone_before_dpo, launch, max_weight_difference, outlast_the_limit, start_stage_job, wait_for_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -60,14 +61,14 @@ def assert_requeued_and_finished(run_dir: Path, stage_dir: Path, stage: str, cau
 
 
 def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
-    # long enough (8 x 75 = 600 steps, ~70 s) to outlast the warning window on a fast machine
-    epochs = 8
+    epochs = 8  # 8 x 75 = 600 steps
     changes = {"dpo": {"betas": [0.1], "epochs": float(epochs)}, "slurm": {"dpo": SHORT_LIMIT}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", wandb={"enabled": True, "mode": "offline"}, **changes)
     reference = clone_before_dpo(tiny_run, tmp_path / "reference", **changes)
     launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
     uninterrupted = start_stage_job(reference, "dpo", "0.1")
     stage_dir = run_dir / "dpo" / "beta-0.1"
+    outlast_the_limit(run_dir, "dpo", "dpo/beta-0.1/checkpoints/checkpoint-*/COMPLETE.json")  # training
     manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "timeout")
     assert manifest["metrics"]["global_step"] == epochs * 75
     out, _ = uninterrupted.communicate(timeout=600)
@@ -88,6 +89,7 @@ def test_sft_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_ru
     reference = clone_before_dpo(tiny_run, tmp_path / "reference", stages=("data",), **changes)
     launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "sft")
     uninterrupted = start_stage_job(reference, "sft", None)
+    outlast_the_limit(run_dir, "sft", "sft/checkpoints/checkpoint-*/COMPLETE.json")  # training
     manifest = assert_requeued_and_finished(run_dir, run_dir / "sft", "sft", "timeout")
     out, _ = uninterrupted.communicate(timeout=600)
     assert uninterrupted.returncode == 0, out

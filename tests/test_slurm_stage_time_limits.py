@@ -6,23 +6,19 @@ job requeues itself (same id) and the next attempt continues from the saved batc
 run side by side (two run directories) to share the wait.
 
 The tiny model samples so fast that both stages can finish before SLURM's warning (sent 30-60 s
-after the start with a 2-minute limit and a 60 s lead), so the test makes each stage outlast its
-limit deterministically: once the stage has saved its first sampling batch, its process is stopped
-(SIGSTOP) until SLURM's USR2 is pending on it, then continued. To the stage this is a job whose work
-took longer than its time limit: the warning arrives mid-work, with batches already saved.
+after the start with a 2-minute limit and a 60 s lead), so each stage is made to outlast its limit
+(conftest.outlast_the_limit): held once it has saved its first sampling batch, until the warning
+reaches it, then let go. The warning arrives mid-work, with batches already saved.
 """
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import clone_before_dpo, launch
+from conftest import clone_before_dpo, launch, outlast_the_limit
 from test_slurm_requeue import SHORT_LIMIT, sacct_history, submitted_job, wait_for_file
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -39,53 +35,6 @@ def requeued_then_completed(job_id: str) -> list[str]:
     assert {jid for jid, _ in sacct_history(job_id)} <= {job_id, f"{job_id}_0"}  # the same job throughout
     assert states.count("REQUEUED") >= 1 and states[-1] == "COMPLETED", states
     return states
-
-
-def _state_is(pid: int, state: str) -> bool | None:
-    """Whether process `pid` is in `state` (None once it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == state
-    except FileNotFoundError:
-        return None
-
-
-def warned_or_released(pid: int) -> bool:
-    """Whether SLURM's time-limit warning reached process `pid`: SIGUSR2 pending on it (sent with kill(),
-    so in the shared pending set), or the process running again or gone (slurmstepd follows a signal to
-    a stopped step with SIGCONT)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    pending = int(re.search(r"^ShdPnd:\s*([0-9a-f]+)", status, re.M).group(1), 16)
-    return bool(pending & (1 << (signal.SIGUSR2 - 1))) or not _state_is(pid, "T")
-
-
-def outlast_the_limit(run_dir: Path, stage: str, first_batch: str, timeout: float = 300) -> None:
-    """Hold the stage's process once `first_batch` (a glob under the run directory) exists, until SLURM's
-    time-limit warning reaches it; then let it go on (it stops at its next batch boundary)."""
-    deadline = time.time() + timeout
-    while not list(run_dir.glob(first_batch)):
-        assert time.time() < deadline, f"{stage}: no sampling batch saved after {timeout} s"
-        time.sleep(0.2)
-    matches = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}/jobs/{stage}( |$)"],
-                             capture_output=True, text=True).stdout.split()
-    found = [pid for pid in matches if Path(f"/proc/{pid}/comm").read_text().startswith("python")]  # not srun
-    assert len(found) == 1, f"{stage}: expected one Python job process, found {found} of {matches}"
-    pid = int(found[0])
-    os.kill(pid, signal.SIGSTOP)
-    while _state_is(pid, "T") is False:  # SIGSTOP takes effect asynchronously
-        time.sleep(0.05)
-    deadline = time.time() + 150  # the warning comes at the latest at limit - lead = 60 s after the start
-    try:
-        while not warned_or_released(pid):
-            assert time.time() < deadline, f"{stage}: SLURM's USR2 never arrived"
-            time.sleep(0.2)
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 def job_log(run_dir: Path, stage: str, job_id: str) -> str:

@@ -229,7 +229,8 @@ def test_means_over_seeds_and_their_standard_errors_match_a_hand_computation(tmp
     cfg = SimpleNamespace(name="t", model=SimpleNamespace(name="tiny"), reward=SimpleNamespace(kind="vader"),
                           eval=SimpleNamespace(num_prompts=2, samples_per_prompt=4))
     report = report_markdown(cfg, results)
-    assert "| policy | β | seed | step |" in report and "| ipo | 0.5 | 2 | 10 |" in report
+    assert "| policy | strength | seed | step |" in report and "| ipo | 0.5 | 2 | 10 |" in report
+    assert report.startswith("# Reward vs KL")  # not "DPO ...": the sweep has other methods
     assert "Mean over seeds" in report and "| ipo | 0.5 | 10 | 3 | 0.750 ± " in report
     assert "### IPO τ = 0.5, seed 2 (step 10)" in report and "### DPO β = 0.1, seed 0 (step 10)" in report
 

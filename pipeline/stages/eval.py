@@ -387,11 +387,13 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
     """The frontier table (policy = sft or the DPO row's method; a seed column when seeds vary), the
     means over seeds when there are several, the noise floor, training curves and samples."""
     seeded = several_seeds(results)
-    lines = [f"# DPO reward vs KL — run `{cfg.name}`", "",
+    only_dpo = all(method_of(r) in (None, DEFAULT_METHOD) for r in results)
+    title, strength_header = ("DPO reward vs KL", "β") if only_dpo else ("Reward vs KL", "strength")
+    lines = [f"# {title} — run `{cfg.name}`", "",
              f"Model `{cfg.model.name}`, reward `{cfg.reward.kind}`, {results[0]['n']} samples per policy "
              f"({cfg.eval.num_prompts} prompts × {cfg.eval.samples_per_prompt}).", "",
              "![frontier](frontier.png)", "",
-             f"| policy | β |{' seed |' if seeded else ''} step | reward | KL | n |",
+             f"| policy | {strength_header} |{' seed |' if seeded else ''} step | reward | KL | n |",
              f"|---|---|{'---|' if seeded else ''}---|---|---|---|"]
     for r in results:
         strength = strength_of(r)
@@ -402,7 +404,7 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
                      f"| {r['reward']:.3f} ± {reward_stderr(r):.3f} | {kl} | {r['n']} |")
     if seeded:
         lines += ["", "Mean over seeds (as plotted; ± one standard error over the seeds, `frontier_seeds.csv`):", "",
-                  "| method | β | step | seeds | reward | KL |", "|---|---|---|---|---|---|"]
+                  f"| method | {strength_header} | step | seeds | reward | KL |", "|---|---|---|---|---|---|"]
         for m in seed_means(results):
             kl = kl_cell(m)
             strength = "" if m["strength"] is None else f"{m['strength']:g}"
