@@ -8,7 +8,7 @@ split, ~250 words each), VADER as the reward (the classifier is timed by bench/s
 one process (no ZeRO). Every other setting is the preset's: 1,000 prompts x 4 completions, DPO for
 three betas with checkpoints every 100 steps, eval of SFT and every checkpoint. Stages run one after
 another as local jobs (queue wait excluded by construction). Prints and writes the wall time of each
-unit (sft, pairs, each beta, eval) and the total.
+unit (sft, pairs, each beta, each eval task, the eval assembly) and the total.
 
   python bench/whole_run.py --run-dir /tmp/whole --out /tmp/whole.json            # one GPU
   python bench/whole_run.py --smoke --run-dir /tmp/whole-smoke                     # CPU, minutes
