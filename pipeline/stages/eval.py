@@ -478,10 +478,16 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
     setup_process(cfg)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.model, device)
-    prompts = [r["prompt"] for r in read_jsonl(layout.eval_prompts)]
-    tokenizer = load_tokenizer(layout.sft_model)
-    ref_model = load_model(layout.sft_model, device, dtype)  # the reference, and what SFT/Best-of-N sample from
-    reward = make_reward(cfg.reward, device)
+    shared = {}  # loaded on first use: a task whose results all exist (a requeue after the last one) loads nothing
+
+    def needs() -> dict:
+        if not shared:
+            shared.update(prompts=[r["prompt"] for r in read_jsonl(layout.eval_prompts)],
+                          tokenizer=load_tokenizer(layout.sft_model),
+                          ref_model=load_model(layout.sft_model, device, dtype),  # also what SFT/Best-of-N sample
+                          reward=make_reward(cfg.reward, device))
+        return shared
+
     progress = ProgressFile(stage.progress_path(layout, task))
     progress.start(sum(layout.eval_result(p.id).is_file() for p in policies))  # resumes per policy
     results = []
@@ -494,17 +500,19 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
             result = read_json(out)
             if result is None:
                 partial = out.with_suffix(".partial")
+                use = needs()
+                common = (use["tokenizer"], use["reward"], use["prompts"], partial)
                 if policy.kind == "best_of_n":  # sampled from the SFT model, no weights to load
-                    result = evaluate_best_of_n(cfg, policy, ref_model, tokenizer, reward, prompts, partial)
+                    result = evaluate_best_of_n(cfg, policy, use["ref_model"], *common)
                 else:
                     if policy.kind == "sft":
-                        model = ref_model
+                        model = use["ref_model"]
                     elif policy_model is None:
                         model = policy_model = load_model(policy.path, device, dtype)
                     else:
                         load_weights_into(policy_model, policy.path)
                         model = policy_model
-                    result = evaluate_policy(cfg, policy, model, ref_model, tokenizer, reward, prompts, partial)
+                    result = evaluate_policy(cfg, policy, model, use["ref_model"], *common)
                 atomic_write_json(out, result)
                 shutil.rmtree(partial, ignore_errors=True)
             print(f"{label}: {policy.id}: reward {result['reward']:.4f}, KL {result['kl']:.4f}", flush=True)
