@@ -134,32 +134,46 @@ def warned_or_released(pid: int) -> bool:
     return bool(pending & (1 << (signal.SIGUSR2 - 1))) or not _state_is(pid, "T")
 
 
-def outlast_the_limit(run_dir: Path, stage: str, started: str, timeout: float = 300) -> None:
-    """Make a SLURM job's work outlast its time limit, whatever the machine's speed: once `started` (a
-    glob under the run directory: the stage's first saved batch, its progress file) exists, hold the
-    stage's job process (SIGSTOP) until SLURM's time-limit warning (USR2) reaches it, then let it go on:
-    it stops at its next step or batch boundary, saves and requeues itself. To the job this is work that
-    took longer than its limit (the tiny stages are fast enough to finish before the warning, sent 30-60 s
-    after the start with a 2-minute limit and a 60 s lead)."""
+def outlast_the_limit(run_dir: Path, stage: str, started, ranks: int = 1, timeout: float = 300) -> None:
+    """Make a SLURM job's work outlast its time limit, whatever the machine's speed: once `started` holds (a
+    glob under the run directory, e.g. the stage's first saved batch or checkpoint, or a callable), hold the
+    job's `ranks` Python processes (SIGSTOP) until SLURM's time-limit warning (USR2) reaches them, then let
+    them go on: they stop at the next step or batch boundary, save and requeue the job. To the job this is
+    work that took longer than its limit (the tiny stages are fast enough to finish before the warning,
+    sent 30-60 s after the start with a 2-minute limit and a 60 s lead)."""
+    ready = started if callable(started) else (lambda: bool(list(run_dir.glob(started))))
     deadline = time.time() + timeout
-    while not list(run_dir.glob(started)):
-        assert time.time() < deadline, f"{stage}: {started} missing after {timeout} s"
+    while not ready():
+        assert time.time() < deadline, f"{stage}: {started} not reached after {timeout} s"
         time.sleep(0.2)
-    matches = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}/jobs/{stage}( |$)"],
-                             capture_output=True, text=True).stdout.split()
-    found = [pid for pid in matches if Path(f"/proc/{pid}/comm").read_text().startswith("python")]  # not srun
-    assert len(found) == 1, f"{stage}: expected one Python job process, found {found} of {matches}"
-    pid = int(found[0])
-    os.kill(pid, signal.SIGSTOP)
-    while _state_is(pid, "T") is False:  # SIGSTOP takes effect asynchronously
-        time.sleep(0.05)
+    while True:
+        matches = subprocess.run(["pgrep", "-f", f"submitit.core._submit {run_dir}/jobs/{stage}( |$)"],
+                                 capture_output=True, text=True).stdout.split()
+        pids = [int(pid) for pid in matches if _comm(pid).startswith("python")]  # not srun
+        if len(pids) == ranks:
+            break
+        assert time.time() < deadline and len(pids) < ranks, f"{stage}: expected {ranks} job process(es), found {pids}"
+        time.sleep(0.2)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        while _state_is(pid, "T") is False:  # SIGSTOP takes effect asynchronously
+            time.sleep(0.05)
     deadline = time.time() + 150  # the warning comes at the latest at limit - lead = 60 s after the start
     try:
-        while not warned_or_released(pid):
+        while not all(warned_or_released(pid) for pid in pids):
             assert time.time() < deadline, f"{stage}: SLURM's USR2 never arrived"
             time.sleep(0.2)
     finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except FileNotFoundError:
+        return ""

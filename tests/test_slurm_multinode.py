@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, clone_before_dpo, launch, wait_for_step
+from conftest import REPO, clone_before_dpo, launch, outlast_the_limit, wait_for_step
 from test_slurm_requeue import SHORT_LIMIT, sacct_history, submitted_job, wait_for_file
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -52,7 +52,7 @@ def wait_until(condition, timeout: float, what: str):
 
 
 def test_two_nodes_survive_a_time_limit_then_continue_on_one_node(tiny_run, tmp_path, slurm_cluster):
-    # Long enough that two 2-minute attempts cannot finish it; one requeue allowed, then the job gives up
+    # 12 x 75 = 900 steps; one requeue allowed, then the job gives up
     epochs = 12
     changes = {"dpo": {"betas": [0.1], "epochs": float(epochs)}, "distributed": {"zero_stage": 2},
                "slurm": {"dpo": {**SHORT_LIMIT, **TWO_NODES, "max_requeues": 1}}}
@@ -60,6 +60,16 @@ def test_two_nodes_survive_a_time_limit_then_continue_on_one_node(tiny_run, tmp_
     launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
     stage_dir = run_dir / "dpo" / "beta-0.1"
     job_id = submitted_job(run_dir, "dpo")
+    # both attempts outlast their limit whatever the machine's speed (conftest.outlast_the_limit): the first
+    # once it saved a checkpoint, the second once it trained past the step it resumed from
+    outlast_the_limit(run_dir, "dpo", "dpo/beta-0.1/checkpoints/checkpoint-*/COMPLETE.json", ranks=2)
+
+    def second_attempt_training() -> bool:
+        now = progress(stage_dir)
+        restarts = now.get("restarts") or []
+        return len(restarts) == 1 and now.get("status") == "running" and now.get("step", 0) > restarts[0]["resumed_from_step"]
+
+    outlast_the_limit(run_dir, "dpo", second_attempt_training, ranks=2)
 
     # 1. on 2 nodes: the time limit requeues it once (same job id), then it gives up with a checkpoint
     history = wait_until(lambda: (h := sacct_history(job_id)) and h[-1][1] in ("FAILED", "COMPLETED") and h,
