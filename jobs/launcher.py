@@ -136,7 +136,7 @@ class PlannedJob:
     tasks: list[Task]
     resources: SlurmResources
     depends_on: list[str] = field(default_factory=list)   # job ids, or "<stage>" placeholders in a plan
-    corresponding: list[str] = field(default_factory=list)  # arrays whose task i task i waits for (aftercorr)
+    corresponding: list[str] = field(default_factory=list)  # arrays whose task i this job's task i waits for
 
 
 def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None,
