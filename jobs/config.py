@@ -17,6 +17,7 @@ from pipeline.configlib import deep_merge, doc, from_dict, load_yaml, parse_assi
 from pipeline.data.sources import validate_dataset_source
 from pipeline.rundir.layout import RunLayout, atomic_write_text
 from pipeline.registry import STAGES
+from slurm.container import ContainerConfig
 from slurm.resources import SlurmResources
 
 
@@ -27,6 +28,8 @@ class SlurmConfig:
     pairs: SlurmResources = doc("Each pairs shard (array task) and the merge job.", factory=SlurmResources)
     dpo: SlurmResources = doc("Each DPO array task (one sweep arm).", factory=lambda: SlurmResources(time="04:00:00"))
     eval: SlurmResources = doc("Evaluation job.", factory=SlurmResources)
+    container: ContainerConfig = doc("Container image every SLURM job runs in (runtime none = no container).",
+                                     factory=ContainerConfig)
 
 
 @dataclass

@@ -26,6 +26,8 @@ from pipeline.registry import STAGES, Stage, Task, stages_until
 from slurm import queue, submit
 from slurm.resources import SlurmResources
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 EXECUTORS = ("auto", "slurm", "local")
 
 
@@ -208,12 +210,21 @@ def _job_name(cfg: ExperimentConfig, stage: Stage) -> str:
     return f"{cfg.name}-{stage.name}"
 
 
+def container_args(cfg: ExperimentConfig, layout: RunLayout) -> dict:
+    """make_executor/render_sbatch keywords of the run's container: the run directory, the repository
+    (the working directory, so it is importable) and the HF cache bound at their own paths."""
+    from pipeline.data import hub
+    return {"container": cfg.slurm.container, "workdir": str(REPO_ROOT),
+            "binds": [str(layout.root.resolve()), str(REPO_ROOT), str(hub.cache_dir(cfg, layout.root))]}
+
+
 def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJob]) -> str:
     parts = []
     for job in planned:
         array = len(job.tasks) if job.stage.is_array else None
         script = submit.render_sbatch(job.resources, layout.jobs / job.stage.name, _job_name(cfg, job.stage),
-                                      array_size=array, dependencies=job.depends_on, corresponding=job.corresponding)
+                                      array_size=array, dependencies=job.depends_on, corresponding=job.corresponding,
+                                      **container_args(cfg, layout))
         tasks = f" tasks {', '.join(records.task_key(t) for t in job.tasks)}" if job.stage.is_array else ""
         parts.append(f"# ---- stage {job.stage.name}{tasks}\n{script}")
     return "\n".join(parts)
@@ -289,7 +300,7 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
 def _sbatch(cfg: ExperimentConfig, layout: RunLayout, job: PlannedJob, deps: list[str], corresponding: list[str],
             folder: Path, comment: str):
     executor = submit.make_executor("slurm", folder, job.resources, _job_name(cfg, job.stage), deps, comment=comment,
-                                    corresponding=corresponding)
+                                    corresponding=corresponding, **container_args(cfg, layout))
     calls = [stage_job(layout, job.stage, task, job.resources) for task in job.tasks]
     if job.stage.is_array:
         with executor.batch():

@@ -51,6 +51,15 @@ _EXTRA_KEY_RE = r"[a-z][a-z0-9]*(-[a-z0-9]+)*"
 _EXTRA_VALUE_RE = r"[A-Za-z0-9_.,:=@%/+\[\]\-]*"
 _EXTRA_VALUE_CHARS = f"{_NAME_CHARS}, ',', ':', '=', '@', '%', '/', '+', '[', ']'"
 _MEM_RE = r"\d+[KMGT]?"
+_FLAG_RE = rf"--{_EXTRA_KEY_RE}(={_EXTRA_VALUE_RE})?"
+# srun options the generated srun line already sets: srun_args may not set them again.
+_RESERVED_SRUN: dict[str, str] = {
+    "output": "nothing: submitit writes the logs into the executor folder",
+    "error": "nothing: submitit writes the logs into the executor folder",
+    "unbuffered": "nothing: submitit sets it", "cpus-per-task": "cpus_per_task",
+    "container-image": "slurm.container", "container-mounts": "slurm.container",
+    "container-workdir": "slurm.container",
+}
 
 # sbatch options that a declared field (or the submission itself) already sets: extra_sbatch_args
 # may not set them again. Value: what to use instead.
@@ -134,6 +143,22 @@ def check_safe_text(value: str, where: str, rule: str) -> None:
     _check_text(value, where, regex, allowed, example)
 
 
+def check_flags(values: Any, where: str, reserved: Mapping[str, str] = {}) -> list[str]:
+    """A list of long command-line flags (`--KEY` or `--KEY=VALUE`), each checked like an sbatch value."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{where}: expected a list of flags such as ['--mpi=pmix'], got "
+                         f"{type(values).__name__} {values!r}")
+    for i, flag in enumerate(values):
+        if not isinstance(flag, str):
+            raise ValueError(f"{where}[{i}]: expected a string such as '--mpi=pmix', got {type(flag).__name__} {flag!r}")
+        _check_text(flag, f"{where}[{i}]", _FLAG_RE, f"'--KEY' or '--KEY=VALUE' with a lowercase KEY and a VALUE "
+                    f"of {_EXTRA_VALUE_CHARS}", "'--mpi=pmix'")
+        key = flag[2:].split("=")[0]
+        if key in reserved:
+            raise ValueError(f"{where}[{i}]: --{key} is set already; use {reserved[key]} instead")
+    return list(values)
+
+
 def _check_text(value: str, where: str, regex: str, allowed: str, example: str) -> None:
     bad = _dangerous_part(value)
     if bad:
@@ -179,6 +204,9 @@ class SlurmResources:
     extra_sbatch_args: dict[str, str] = field(default_factory=dict, metadata=_help(
         "Extra '#SBATCH --KEY=VALUE' lines, keys without leading dashes, e.g. {mail-type: END}; an empty "
         "value gives a bare flag ('#SBATCH --KEY'). Options of the fields above are refused."))
+    srun_args: list[str] = field(default_factory=list, metadata=_help(
+        "Extra flags on the job's srun line, e.g. ['--mpi=pmix'] ('--KEY' or '--KEY=VALUE'); flags the line "
+        "already sets (--output, --error, --cpus-per-task, --container-*) are refused."))
     _where: InitVar[str] = "slurm"
 
     # ------------------------------------------------------------------ validation
@@ -212,6 +240,7 @@ class SlurmResources:
                         "(0 = all of the node's memory)", "'16G', '500M', '0'")
 
         self._check_extra(w)
+        object.__setattr__(self, "srun_args", check_flags(self.srun_args, f"{w}.srun_args", _RESERVED_SRUN))
 
     def _check_time(self, w: str) -> None:
         if not isinstance(self.time, str):
@@ -318,7 +347,7 @@ class SlurmResources:
             "stderr_to_stdout": False,  # separate .out / .err logs per task (see slurm.submit.job_log_paths)
             # Slurm 22.05-23.02: srun no longer inherits --cpus-per-task from the batch script; where tasks
             # are bound to CPUs, a rank would otherwise get fewer CPUs than the job asked for
-            "srun_args": [f"--cpus-per-task={self.cpus_per_task}"],
+            "srun_args": [f"--cpus-per-task={self.cpus_per_task}", *self.srun_args],
             # --requeue: jobs requeue themselves on time-out, also where the cluster default is JobRequeue=0
             "additional_parameters": {"requeue": True,
                                       **{k: (True if v == "" else v) for k, v in self.extra_sbatch_args.items()}},

@@ -19,6 +19,7 @@ import submitit
 from submitit.core.utils import JobPaths
 from submitit.slurm import slurm as _submitit_slurm
 
+from slurm.container import ContainerConfig, job_command
 from slurm.resources import SlurmResources, check_safe_text
 
 EXECUTOR_KINDS = ("local", "slurm")
@@ -95,6 +96,21 @@ def _slurm_params(resources: SlurmResources, job_name: str, dependency: str | No
     return params
 
 
+def _in_container(params: dict[str, Any], resources: SlurmResources, container: ContainerConfig | None,
+                  binds: Iterable[str], workdir: str | Path | None) -> str | None:
+    """Add the container's setup lines and srun flags to `params`; returns its python prefix (None: no container)."""
+    if container is not None and not isinstance(container, ContainerConfig):
+        raise ValueError(f"container: expected a slurm.container.ContainerConfig or None, got "
+                         f"{type(container).__name__}")
+    wrap = job_command(container, resources.gpus_per_node, binds, str(workdir or Path.cwd()))
+    if not wrap:
+        return None
+    if wrap["setup"]:
+        params["setup"] = wrap["setup"]
+    params["srun_args"] = [*params.get("srun_args", []), *wrap["srun_args"]]
+    return wrap["python"]
+
+
 def count_gpus() -> int:
     """NVIDIA GPUs on this machine, without importing torch (the driver's /proc entries, else nvidia-smi)."""
     proc = Path("/proc/driver/nvidia/gpus")
@@ -127,14 +143,17 @@ def local_gpu_params() -> dict:
 
 def make_executor(kind: str, folder: str | Path, resources: SlurmResources | None, job_name: str,
                   dependencies: Iterable[str] = (), comment: str | None = None, corresponding: Iterable[str] = (),
-                  ) -> submitit.SlurmExecutor | submitit.LocalExecutor:
+                  container: ContainerConfig | None = None, binds: Iterable[str] = (),
+                  workdir: str | Path | None = None) -> submitit.SlurmExecutor | submitit.LocalExecutor:
     """A submitit executor for one stage, writing its scripts, pickles and logs into `folder`.
 
     kind="slurm": a `SlurmExecutor` with every parameter from `resources` (None = defaults), the
     job waiting for `dependencies` (`--dependency=afterok:ID:ID`; array parents wait for every
     task) and, task by task, for the arrays in `corresponding` (`aftercorr:ID`), and up to
     `resources.max_requeues` requeues after time-outs of checkpointable jobs.
-    kind="local": a `LocalExecutor` with only the time limit (no dependencies allowed).
+    With a `container` (kind="slurm" only), the job's Python runs in it, `binds` (host paths) bound
+    at the same paths and `workdir` (default: the current directory) its working directory.
+    kind="local": a `LocalExecutor` with only the time limit (no dependencies allowed, no container).
     `executor.submit(fn)` gives a single job; several submits inside `with executor.batch():`
     give one job array (a batch of exactly one is submitted as a plain job, as submitit does).
     """
@@ -155,8 +174,9 @@ def make_executor(kind: str, folder: str | Path, resources: SlurmResources | Non
     if comment is not None:  # finds the job in the queue if its submission was never recorded
         check_safe_text(comment, "comment", "comment")
         params["comment"] = comment
+    python = _in_container(params, resources, container, binds, workdir)
     try:
-        executor = submitit.SlurmExecutor(folder=path, max_num_timeout=resources.max_requeues)
+        executor = submitit.SlurmExecutor(folder=path, max_num_timeout=resources.max_requeues, python=python)
     except RuntimeError as exc:  # submitit refuses when `srun` is not on the PATH
         raise RuntimeError(f"kind='slurm' needs the SLURM client commands (srun, sbatch) on the PATH ({exc}); "
                            "run on a cluster login node, or use kind='local'") from None
@@ -166,13 +186,16 @@ def make_executor(kind: str, folder: str | Path, resources: SlurmResources | Non
 
 def render_sbatch(resources: SlurmResources | None, folder: str | Path, job_name: str,
                   array_size: int | None = None, dependencies: Iterable[str] = (), *,
-                  python: str | None = None, corresponding: Iterable[str] = ()) -> str:
+                  python: str | None = None, corresponding: Iterable[str] = (),
+                  container: ContainerConfig | None = None, binds: Iterable[str] = (),
+                  workdir: str | Path | None = None) -> str:
     """The sbatch script `make_executor("slurm", folder, resources, job_name, dependencies)` submits.
 
     `array_size` > 1 renders a job array (`--array=0-N-1%P`, logs named `%A_%a`); None or 1 a
     single job, exactly as submitit decides. Dependencies may contain `<stage>` placeholders for
     jobs not submitted yet (dry runs). `python` is the interpreter in the command line; None =
     this interpreter (`sys.executable`, what submitit uses); pass e.g. "python" for stable output.
+    `container`, `binds`, `workdir`: as for `make_executor` (the container's python replaces `python`).
     """
     resources = _resources(resources)
     path = _folder(folder)
@@ -181,7 +204,8 @@ def render_sbatch(resources: SlurmResources | None, folder: str | Path, job_name
         raise ValueError(f"array_size: expected None or an integer >= 1, got {array_size!r}")
     params = _slurm_params(resources, job_name,
                            dependency_string(dependencies, allow_placeholders=True, corresponding=corresponding))
-    interpreter = shlex.quote(sys.executable) if python is None else python
+    inner = _in_container(params, resources, container, binds, workdir)
+    interpreter = inner if inner is not None else shlex.quote(sys.executable) if python is None else python
     # Same command string as submitit.SlurmExecutor._submitit_command_str.
     command = " ".join([interpreter, "-u -m submitit.core._submit", shlex.quote(str(path))])
     map_count = array_size if array_size is not None and array_size > 1 else None
