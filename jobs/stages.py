@@ -10,10 +10,11 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.runtime import interrupt
+from pipeline.registry import Task, get_stage, task_key
+from pipeline.rundir import attempts
 from pipeline.rundir.layout import RunLayout
-from pipeline.registry import Task, get_stage
-from slurm import environment
+from pipeline.runtime import interrupt
+from slurm import environment, submit
 
 
 def run_stage(run_dir: str | Path, stage: str, task: Task = None):
@@ -91,12 +92,18 @@ class StageJob:
         interrupt.clear()
         signal.signal(signal.SIGUSR2, self._on_usr2)
         signal.signal(signal.SIGTERM, self._on_term)
+        record = self._start_cost_record()
+        outcome = "failed:error"
         try:
-            return run_stage(self.run_dir, self.stage, self.task)
+            result = run_stage(self.run_dir, self.stage, self.task)
+            outcome = "completed"
+            return result
         except interrupt.StageInterrupted as stop:
             job = environment.current_job()
+            outcome = f"stopped:{stop.reason}"  # a SIGTERM: SLURM requeues or cancels it; a later attempt tells
             if stop.reason in (interrupt.TIMEOUT, interrupt.PREEMPTED) and job.in_slurm:
                 self._check_budget(job, str(stop))
+                outcome = f"{attempts.REQUEUED}:{stop.reason}"
                 if job.global_rank == 0:
                     print(f"{self!r}: {stop}; requeueing job {job.job_id} "
                           f"(restart {job.restart_count + 1} of at most {self.max_requeues})", flush=True)
@@ -109,13 +116,34 @@ class StageJob:
                 # is. It must not end as an ordinary failure (that cancels everything behind it): it
                 # resumes from the last complete checkpoint, with no command from the user.
                 self._check_budget(job, f"lost a peer rank: {_first_line(error)}")
+                outcome = f"{attempts.REQUEUED}:lost_peer"
                 self._recover_from_lost_peer(job, error)
             raise
         finally:
+            if record is not None:
+                attempts.end_attempt(record, outcome)
             # The stage is over: a time-limit warning that comes now must not kill the process. Python
             # restores SIGUSR2's default action (terminate) while the interpreter shuts down, so a late
             # warning would end a finished job as FAILED (and cancel its afterok dependents).
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+    def _start_cost_record(self) -> Path | None:
+        """Rank 0 records this attempt's allocation and start (pipeline.rundir.attempts: what the run cost)."""
+        job = environment.current_job()
+        if job.global_rank != 0:
+            return None
+        if job.in_slurm:
+            where = {"job_id": job.job_id, "restart": job.restart_count, "executor": "slurm",
+                     **environment.allocation()}
+        else:  # a local job uses one GPU when the machine has one and the config does not say cpu
+            from jobs.config import load_run_config
+
+            gpus = int(load_run_config(self.run_dir).device != "cpu" and submit.count_gpus() > 0)
+            where = {"job_id": os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid())), "restart": 0,
+                     "executor": "local", "nodes": 1, "gpus": gpus, "cpus": len(os.sched_getaffinity(0))}
+        path = attempts.attempts_path(RunLayout(self.run_dir), self.stage, task_key(self.task))
+        attempts.start_attempt(path, **where)
+        return path
 
     def _recover_from_lost_peer(self, job, error: BaseException) -> None:
         """A dead node is SLURM's to handle: this rank stays alive until the controller marks the node

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import load_run_config
+from pipeline.rundir.attempts import Cost
 from pipeline.rundir.layout import RunLayout, read_json
+from pipeline.reporting import cost as run_cost
 from pipeline.rundir.progress import lost_steps
 from pipeline.registry import STAGES, Stage, Task, get_stage
 from slurm import queue, submit
@@ -64,6 +66,7 @@ def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[di
         if notes is not None:
             notes.append(f"SLURM did not answer, job states are unknown (progress below is from the run directory): "
                          f"{' '.join(str(exc).split())[:400]}")
+    costs = {(r["stage"], r["task"]): r["cost"] for r in run_cost.cost_rows(cfg, layout)}
     rows = []
     for stage in STAGES:
         for task in stage.task_list(cfg):
@@ -98,6 +101,7 @@ def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[di
                 "eta_s": _eta_s(progress, state),
                 "submissions": submissions.get(key, 0),
                 "stop_save_s": progress.get("stop_save_s"),
+                "cost": costs[(stage.name, task.key if task is not None else None)].as_dict(),
                 "warnings": save_time_warnings(stage, task, progress, getattr(cfg.slurm, stage.resources)),
             })
     return rows
@@ -133,6 +137,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def cost_lines(rows: list[dict]) -> list[str]:
+    """GPU/CPU-hours per stage and in total, with the share requeued attempts took (pipeline.reporting.cost)."""
+    return run_cost.summary_lines([{"stage": r["stage"], "task": r["task"], "lost_steps": r["lost_steps"],
+                                    "cost": Cost.from_dict(r["cost"])} for r in rows])
+
+
 def finished(rows: list[dict]) -> bool:
     return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] == "NOT_SUBMITTED" for r in rows)
 
@@ -150,6 +160,8 @@ def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interv
                 print("\033[2J\033[H", end="")
             print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
             print(format_table(rows))
+            for line in cost_lines(rows):
+                print(line)
             for warning in (w for r in rows for w in r["warnings"]):
                 print(f"warning: {warning}")
         if not watch or finished(rows):

@@ -31,6 +31,18 @@ def current_job(environ: dict | None = None) -> JobContext:
                       world_size=int(env.get("SLURM_NTASKS") or 1), nodelist=env.get("SLURM_JOB_NODELIST", ""))
 
 
+def allocation(environ: dict | None = None) -> dict:
+    """What this SLURM job was allocated, for its cost record: nodes, GPUs and CPUs of the whole job.
+
+    GPUs: SLURM_GPUS_ON_NODE (set with --gpus-per-node) x nodes; CPUs: CPUs per task x tasks."""
+    env = os.environ if environ is None else environ
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    gpus_on_node = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE") or "0"
+    gpus = int(gpus_on_node.split(":")[-1]) if gpus_on_node.split(":")[-1].isdigit() else 0
+    cpus = int(env.get("SLURM_CPUS_PER_TASK") or 1) * int(env.get("SLURM_NTASKS") or 1)
+    return {"nodes": nodes, "gpus": gpus * nodes, "cpus": cpus}
+
+
 def requeue(job_id: str, runner=subprocess.run) -> None:
     """Put a running job back in the queue under the same id (it restarts from its checkpoint)."""
     proc = runner(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)

@@ -109,3 +109,12 @@ def test_status_reports_every_task_completed(tiny_run):
     assert all(r["state"] == "COMPLETED" and r["restarts"] == 0 for r in rows)
     dpo = next(r for r in rows if r["task"] == "0.1")
     assert dpo["step"] == dpo["total_steps"] == 75
+    # what it cost: one attempt per job on CPUs (no GPU here), nothing requeued
+    assert all(r["cost"]["attempts"] == 1 and r["cost"]["gpu_hours"] == 0 and r["cost"]["cpu_hours"] > 0
+               and r["cost"]["requeued_cpu_hours"] == 0 for r in rows)
+    text = launch("status", "--run-dir", str(tiny_run)).stdout
+    total = sum(r["cost"]["cpu_hours"] for r in rows)
+    assert f"cost total: {total:.4g} CPU-h (requeued 0, 0%); {len(rows)} attempt(s), 0 step(s) lost" in text
+    assert "cost dpo: " in text and "cost sft: " in text
+    report = (tiny_run / "eval" / "report.md").read_text()
+    assert "## Cost" in report and "| dpo | 0.1 | 1 | 0 |" in report and "| **total** |  | 12 | 0 |" in report

@@ -81,6 +81,13 @@ def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_ru
     rows = json.loads(launch("status", "--run-dir", str(run_dir), "--json").stdout)
     dpo_row = next(r for r in rows if r["stage"] == "dpo")
     assert dpo_row["restarts"] >= 1 and dpo_row["lost_steps"] == 0 and dpo_row["state"] == "COMPLETED"
+    # what the requeues cost: every attempt recorded by the job itself, the requeued ones as such
+    records = [json.loads(line) for line in (run_dir / "jobs" / "attempts" / "dpo" / "0.1.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in records] == ["requeued:timeout"] * dpo_row["restarts"] + ["completed"]
+    assert [r["restart"] for r in records] == list(range(len(records))) and records[0]["executor"] == "slurm"
+    cost = dpo_row["cost"]
+    assert cost["attempts"] == len(records) and cost["gpu_hours"] == 0
+    assert 0 < cost["requeued_cpu_hours"] < cost["cpu_hours"]
 
 
 def test_sft_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
@@ -130,6 +137,9 @@ def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(tiny_ru
     (restart,) = manifest["restarts"]
     assert restart["cause"] == "killed" and restart["resumed_from_step"] == 25
     assert manifest["lost_steps"] == killed_at - 25 and manifest["metrics"]["global_step"] == 150
+    rows = json.loads(launch("status", "--run-dir", str(run_dir), "--json").stdout)
+    cost = next(r for r in rows if r["stage"] == "dpo")["cost"]
+    assert cost["attempts"] == 2 and cost["unmeasured_attempts"] == 1  # the killed one recorded no end
 
 
 def test_peer_loss_is_recognised_through_the_exception_chain():

@@ -126,7 +126,10 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     plot_frontier(results, layout.frontier_png)
     from pipeline.reporting.curves import draw_training_curves
 
-    atomic_write_text(layout.report, report_markdown(cfg, results, draw_training_curves(cfg, layout)))
+    from pipeline.reporting.cost import cost_markdown, cost_rows
+
+    report = report_markdown(cfg, results, draw_training_curves(cfg, layout))
+    atomic_write_text(layout.report, report + "\n" + cost_markdown(cost_rows(cfg, layout)))
     sft = results[0]
     finals = {arm.tag: max((r for r in results if r.get("arm") == arm.tag), key=lambda r: r["step"])
               for arm in sweep_arms(cfg)}
