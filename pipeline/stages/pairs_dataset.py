@@ -60,8 +60,13 @@ def merge(cfg: PipelineConfig, layout: RunLayout) -> dict:
                "held_out_rows": counts["held_out_rows"], "implicit_prompt": counts["implicit_prompt"],
                **{f"dropped_{reason}": n for reason, n in counts["dropped"].items()},
                "prompts": len({p["prompt"] for p in pairs})}
+    dropped = counts["dropped"]
+    summary = (f"pairs: {len(pairs)} pairs from {counts['rows']} rows of {cfg.pairs.dataset} [{cfg.pairs.train_split}]; "
+               f"dropped {dropped['empty']} empty, {dropped['identical']} with identical chosen/rejected, "
+               f"{dropped['too_long']} longer than dpo.max_length={cfg.dpo.max_length} tokens; "
+               f"{counts['held_out_rows']} rows held out (eval prompts)")
     ProgressFile(layout.progress_path("pairs")).update(force=True, status="done", step=1, total_steps=1)
     return write_manifest(layout.done_path("pairs"), config=to_dict(cfg), started=started,
                           inputs={"sft_model": str(layout.sft_model), "dataset": cfg.pairs.dataset,
                                   "split": cfg.pairs.train_split, "columns": preferences.column_names(cfg)},
-                          metrics=metrics)
+                          metrics=metrics, extra={"summary": summary})
