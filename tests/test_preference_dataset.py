@@ -166,7 +166,7 @@ def test_a_local_jsonl_file_with_other_columns_runs_end_to_end(tmp_path):
     assert len(pairs) == 50 and set(pairs[0]) >= {"prompt", "chosen", "rejected"}
     assert len(eval_prompts) == 13 and not set(eval_prompts) & {p["prompt"] for p in pairs}
     sft = json.loads((run_dir / "sft" / "DONE.json").read_text())
-    assert sft["inputs"]["dataset"] == str(data) and sft["metrics"]["train_examples"] == 50 + 1  # + the overlong row
+    assert sft["inputs"]["dataset"] == str(data) and sft["inputs"]["train_examples"] == 50 + 1  # + the overlong row
     rows = frontier(run_dir)
     assert [(r["policy"], r["beta"]) for r in rows][0] == ("sft", "") and {r["beta"] for r in rows[1:]} == {"0.1"}
     assert all(int(r["n"]) == 13 * 2 for r in rows)
