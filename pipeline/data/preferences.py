@@ -14,7 +14,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import PAIR_ROLES, PipelineConfig
+from pipeline.config import PipelineConfig
+from pipeline.source_config import PAIR_ROLES
 
 FIELD = "pairs.dataset"
 DROP_REASONS = ("empty", "identical", "too_long")
