@@ -14,7 +14,7 @@ import yaml
 from jobs.presets import preset_layers
 from pipeline.config import PipelineConfig, upgrade_stored_config
 from pipeline.configlib import deep_merge, doc, from_dict, load_yaml, parse_assignment, to_dict
-from pipeline.data.sources import validate_dataset_source
+from pipeline.data.sources import check_local_exists, validate_dataset_source
 from pipeline.rundir.layout import RunLayout, atomic_write_text
 from pipeline.registry import STAGES
 from slurm.container import ContainerConfig
@@ -65,6 +65,8 @@ def resolve_config(preset: str | None, config_file: str | None = None, sets: lis
         layers = deep_merge(layers, parse_assignment(assignment))
     cfg = from_dict(ExperimentConfig, layers, where="")
     validate_dataset_source(cfg.data)
+    if cfg.pairs.source == "dataset":
+        check_local_exists(cfg.pairs.dataset, "pairs.dataset", "trl-lib/ultrafeedback_binarized")
     return cfg
 
 

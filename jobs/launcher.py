@@ -97,7 +97,17 @@ def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
 
     created = not layout.root.exists()
     try:
-        return hub.prefetch(cfg, layout.root, log=log)
+        fetched = hub.prefetch(cfg, layout.root, log=log)
+        if cfg.pairs.source == "dataset":  # refused here, before any job: columns, splits, usable rows
+            from pipeline.data import preferences
+
+            snapshot = fetched.get("pairs.dataset", {}).get("path")
+            counts = preferences.check_before_submit(cfg, snapshot)
+            log(f"pairs.dataset: {counts['usable']} usable pairs of {counts['rows']} rows, "
+                f"{counts['held_out_prompts']} prompts held out for eval; dropped {counts['empty']} empty, "
+                f"{counts['identical']} with identical chosen/rejected (rows longer than dpo.max_length are "
+                "counted by the pairs stage)")
+        return fetched
     except BaseException:
         if created:
             shutil.rmtree(layout.root, ignore_errors=True)

@@ -103,8 +103,14 @@ def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[di
                 "stop_save_s": progress.get("stop_save_s"),
                 "cost": costs[(stage.name, task.key if task is not None else None)].as_dict(),
                 "warnings": save_time_warnings(stage, task, progress, getattr(cfg.slurm, stage.resources)),
+                "summary": _summary(layout, stage, task, done),
             })
     return rows
+
+
+def _summary(layout: RunLayout, stage: Stage, task: Task, done: bool) -> str | None:
+    """The one-line summary a finished stage wrote into its DONE.json, if any (e.g. the dataset pairs' counts)."""
+    return (read_json(stage.done_path(layout, task), {}) or {}).get("summary") if done else None
 
 
 def save_time_warnings(stage: Stage, task: Task, progress: dict, resources) -> list[str]:
@@ -160,6 +166,8 @@ def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interv
                 print("\033[2J\033[H", end="")
             print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
             print(format_table(rows))
+            for summary in dict.fromkeys(r["summary"] for r in rows if r["summary"]):  # stages sharing a DONE.json
+                print(summary)
             for line in cost_lines(rows):
                 print(line)
             for warning in (w for r in rows for w in r["warnings"]):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pipeline.configlib import doc
+from pipeline.source_config import PAIR_ROLES, PAIR_SOURCES, PreferenceSourceConfig, SFTSourceConfig  # noqa: F401
 from pipeline.training.methods import METHODS
 
 SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
@@ -150,7 +151,7 @@ class TrainConfig:
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(TrainConfig, SFTSourceConfig):
     packing: bool = doc("Opt-in speed path: pack reviews into rows of max_length tokens (best-fit decreasing) "
                         "without padding; positions restart at each review and attention never crosses reviews. "
                         "Changes the recipe: a step then sees ~max_length tokens of reviews (IMDb at 1,024: ~28 "
@@ -163,7 +164,7 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(PreferenceSourceConfig):
     num_prompts: int = doc("Prompts sampled for preference pairs (seed: 1000).", 1000)
     completions_per_prompt: int = doc("Completions sampled per prompt; every pair of them is a "
                                       "preference pair (4 -> 6 pairs).", 4)
@@ -178,6 +179,7 @@ class PairsConfig:
     num_shards: int = doc("Prompt shards; on SLURM each shard is one array task.", 4)
 
     def __post_init__(self):
+        self._check_source()
         _check(self.num_prompts >= 1, "pairs.num_prompts", "must be >= 1")
         _check(self.completions_per_prompt >= 2, "pairs.completions_per_prompt", "must be >= 2 to form a pair")
         _check(self.max_new_tokens >= 1, "pairs.max_new_tokens", "must be >= 1")
@@ -302,6 +304,9 @@ class EvalConfig:
                         "compiles once into a CUDA graph).", "dynamic")
     fixed_prompts: list[str] = doc("Prompts always evaluated and shown in the report.",
                                    factory=lambda: list(SEED_EVAL_PROMPTS))
+    prompt_split: str | None = doc("pairs.source=dataset: the split of pairs.dataset the held-out eval prompts "
+                                   "come from (e.g. test_prefs); null = hold eval.num_prompts prompts out of "
+                                   "pairs.train_split (chosen by seed; their pairs are not trained on).", None)
 
     def __post_init__(self):
         _check(self.num_prompts >= len(self.fixed_prompts), "eval.num_prompts",

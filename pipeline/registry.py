@@ -198,7 +198,8 @@ def task_key(task: Task) -> str:
 class Stage:
     name: str
     after: tuple[str, ...]                 # stages whose jobs must finish ok first
-    run: str                               # "module:function", called as f(cfg, layout[, task])
+    run: str | Callable[[PipelineConfig], str]  # "module:function" (or the config's choice of one), called as
+                                           # f(cfg, layout[, task])
     resources: str                         # section of cfg.slurm that sizes its jobs
     directory: str                         # its directory under the run root
     tasks: Callable[[PipelineConfig], list] | None = None  # array tasks; None = one job
@@ -243,8 +244,12 @@ class Stage:
     def label(self, task: Task = None) -> str:
         return self.name if task is None else f"{self.name}[{task.key}]"
 
+    def function_name(self, cfg: PipelineConfig) -> str:
+        """The "module:function" this run's jobs of the stage call."""
+        return self.run(cfg) if callable(self.run) else self.run
+
     def execute(self, cfg: PipelineConfig, layout: RunLayout, task: Task = None) -> Any:
-        module, function = self.run.split(":")
+        module, function = self.function_name(cfg).split(":")
         fn = getattr(importlib.import_module(module), function)
         return fn(cfg, layout) if task is None else fn(cfg, layout, task)
 
@@ -271,13 +276,25 @@ def from_sft_tasks(cfg: PipelineConfig) -> list[FromSft]:
     return [FromSft(None)] + [FromSft(arm) for arm in sweep_arms(cfg) if not arm.trains]
 
 
+def pairs_shards(cfg: PipelineConfig) -> list[Shard]:
+    """The pairs stage's array tasks: one per prompt shard when sampling; one converting task for a dataset."""
+    return [Shard(0)] if cfg.pairs.source == "dataset" else [Shard(i) for i in range(cfg.pairs.num_shards)]
+
+
+# What each pairs.source runs in the pairs array and in pairs_merge (which writes pairs.jsonl either way).
+PAIRS_RUN = {"sampled": ("pipeline.stages.pairs:run_shard", "pipeline.stages.pairs:merge"),
+             "dataset": ("pipeline.stages.pairs_dataset:convert", "pipeline.stages.pairs_dataset:merge")}
+
+
 STAGES: list[Stage] = [
-    Stage("sft", (), "pipeline.stages.sft:run", "sft", "sft", multi_process=True),
-    Stage("pairs", ("sft",), "pipeline.stages.pairs:run_shard", "pairs", "pairs",
-          tasks=lambda cfg: [Shard(i) for i in range(cfg.pairs.num_shards)], task_type=Shard,
+    # sft.enabled=false: the stage prepares prompts (and the tiny base) and hands model.name on as the SFT model
+    Stage("sft", (), lambda cfg: "pipeline.stages.sft:" + ("run" if cfg.sft.enabled else "use_base"), "sft", "sft",
+          multi_process=True),
+    Stage("pairs", ("sft",), lambda cfg: PAIRS_RUN[cfg.pairs.source][0], "pairs", "pairs",
+          tasks=pairs_shards, task_type=Shard,
           done_check=_pairs_shard_done, writes_progress=False, scale_hint="raise pairs.num_shards to use more GPUs"),
-    Stage("pairs_merge", ("pairs",), "pipeline.stages.pairs:merge", "pairs", "pairs", writes_progress=False,
-          needs_gpu=False),
+    Stage("pairs_merge", ("pairs",), lambda cfg: PAIRS_RUN[cfg.pairs.source][1], "pairs", "pairs",
+          writes_progress=False, needs_gpu=False),
     Stage("dpo", ("pairs_merge",), "pipeline.stages.dpo:run", "dpo", "dpo", tasks=trained_arms, task_type=Arm,
           multi_process=True),
     # eval: every policy evaluated by its own array task, then one small job assembles the frontier

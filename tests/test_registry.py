@@ -24,8 +24,8 @@ def test_every_stage_is_declared_consistently():
         assert stage.resources in sections, f"{stage.name}: slurm.{stage.resources} is not declared in SlurmConfig"
         assert set(stage.after) <= seen, f"{stage.name} waits for a stage declared after it"
         assert stage.is_array == (stage.task_type is not None), stage.name
-        module, function = stage.run.split(":")
-        assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), stage.run
+        module, function = stage.function_name(resolve_config("tiny")).split(":")
+        assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), module
         seen.add(stage.name)
     assert [s.name for s in stages_until("pairs_merge")] == ["sft", "pairs", "pairs_merge"]
     with pytest.raises(ValueError, match="unknown stage 'nope'; stages: sft, pairs, pairs_merge, dpo, eval_sft, eval_arms, eval$"):

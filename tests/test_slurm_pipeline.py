@@ -32,7 +32,7 @@ CORRESPONDING = {"eval_arms": "dpo"}  # task i waits for the upstream array's ta
 TINY_TASKS = {"sft": [None], "pairs": ["0", "1"], "pairs_merge": [None], "dpo": ["0.05", "0.1", "1.0"],
               "eval_sft": ["sft"], "eval_arms": ["0.05", "0.1", "1.0"], "eval": [None]}
 ROW_KEYS = {"stage", "task", "job_id", "state", "done", "node", "elapsed_s", "step", "total_steps", "restarts",
-            "resumed_from", "lost_steps", "last_checkpoint", "eta_s", "submissions", "stop_save_s", "warnings"}
+            "resumed_from", "lost_steps", "last_checkpoint", "eta_s", "submissions", "stop_save_s", "warnings", "summary"}
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"}
 BROKEN = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 

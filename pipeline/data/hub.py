@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import PipelineConfig
-from pipeline.data.sources import validate_dataset_source
+from pipeline.data.sources import check_local_exists, validate_dataset_source
 from pipeline.rundir.layout import RunLayout, atomic_write_json, read_json
 
 REVISIONS_ENV = "SLURM_DPO_HUB_REVISIONS"
@@ -75,6 +75,10 @@ def references(cfg: PipelineConfig) -> list[HubReference]:
     validate_dataset_source(cfg.data)  # a missing local file is refused here, not looked up on the hub
     if cfg.data.dataset != "tiny" and not Path(cfg.data.dataset).expanduser().exists():
         refs.append(HubReference("data.dataset", cfg.data.dataset, "dataset"))
+    if cfg.pairs.source == "dataset":  # preference data: a local file/directory, else a hub dataset
+        check_local_exists(cfg.pairs.dataset, "pairs.dataset", "trl-lib/ultrafeedback_binarized")
+        if not Path(cfg.pairs.dataset).expanduser().exists():
+            refs.append(HubReference("pairs.dataset", cfg.pairs.dataset, "dataset"))
     if cfg.reward.kind == "classifier" and not _local_model_dir(cfg.reward.model, "reward.model"):
         refs.append(HubReference("reward.model", cfg.reward.model, "model"))
     return refs

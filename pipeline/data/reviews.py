@@ -7,13 +7,13 @@ never from the network; outside jobs `datasets` fetches it itself.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data.corpus import make_corpus
-from pipeline.data.sources import LOCAL_FORMATS
+from pipeline.data.sources import load_local_files, load_snapshot_split, local_files
+
 
 def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
     """Texts of one split. `cfg.dataset` is 'tiny', a local file/directory, or a hub id."""
@@ -24,16 +24,10 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
 
     path = Path(cfg.dataset).expanduser()
     if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS)
-        if not files:
-            raise ValueError(f"data.dataset: {path} holds no .parquet/.jsonl/.csv files")
-        builder = LOCAL_FORMATS.get(files[0].suffix)
-        if builder is None:
-            raise ValueError(f"data.dataset: {path.suffix!r} is not one of {', '.join(LOCAL_FORMATS)}")
+        files = local_files(path, "data.dataset")
         # A single local file or a flat directory has one split; files named after splits are used as such.
         named = {p.stem.split("-")[0]: p for p in files}
-        chosen = [named[split]] if split in named else files
-        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in chosen], split="train")
+        dataset = load_local_files([named[split]] if split in named else files)
     else:
         from pipeline.data.hub import resolve
 
@@ -41,25 +35,11 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
         if source == cfg.dataset:  # not in a job: datasets downloads it
             dataset = datasets.load_dataset(cfg.dataset, split=split)
         else:
-            dataset = _load_snapshot(source, cfg.dataset, split)
+            dataset = load_snapshot_split(source, cfg.dataset, split, "data.dataset",
+                                          "data.train_split / data.prompt_split")
     if cfg.text_field not in dataset.column_names:
         raise ValueError(f"data.text_field: column {cfg.text_field!r} not in {dataset.column_names}")
     return [t for t in dataset[cfg.text_field] if t and t.strip()]
-
-
-def _load_snapshot(snapshot: str, dataset_id: str, split: str):
-    """One split of a prefetched hub dataset: the repository's own card decides which files form
-    which split (stanfordnlp/imdb: plain_text/{split}-*.parquet), exactly as on the hub."""
-    import datasets
-
-    try:
-        # HF_DATASETS_CACHE is read at call time: the job sets it (pipeline.data.hub.offline_environment)
-        return datasets.load_dataset(snapshot, split=split, cache_dir=os.environ.get("HF_DATASETS_CACHE"))
-    except ValueError as error:
-        if "split" not in str(error).lower():
-            raise
-        raise ValueError(f"data.dataset: {dataset_id} has no split {split!r} ({error}); set data.train_split / "
-                         "data.prompt_split to one of its splits") from error
 
 
 def clean_review(text: str) -> str:

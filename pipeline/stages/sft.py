@@ -1,13 +1,22 @@
 """Stage 1: data preparation and supervised fine-tuning (TRL SFTTrainer).
 
 Preparation (cheap, done once, before training): the prompt files for the pairs and eval stages,
-and for the tiny preset the base model with its locally trained tokenizer.
+and for the tiny preset the base model with its locally trained tokenizer. With pairs.source=dataset
+the texts are the preference data's (SFT: prompt + chosen of the training split, eval prompts held
+out); with sft.enabled=false `use_base` only prepares and links model.name as the SFT model.
 """
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from pipeline.config import PipelineConfig
+from pipeline.configlib import to_dict
+from pipeline.data import preferences
 from pipeline.data.reviews import load_reviews, make_prompts
-from pipeline.rundir.layout import RunLayout, atomic_write_jsonl
+from pipeline.rundir.layout import RunLayout, atomic_write_jsonl, read_json, read_jsonl, write_manifest
+from pipeline.rundir.progress import ProgressFile
 from pipeline.training.loop import BuiltTrainer, TrainingSetup, run_training_stage
 
 
@@ -20,16 +29,67 @@ def prepare(cfg: PipelineConfig, layout: RunLayout) -> None:
     from pipeline.models.policy import build_tiny_base, load_tokenizer
 
     if cfg.model.name == "tiny" and not (layout.base_model / "config.json").is_file():
-        texts = load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
-        build_tiny_base(cfg.model, texts, layout.base_model, cfg.seed)
+        build_tiny_base(cfg.model, tokenizer_texts(cfg), layout.base_model, cfg.seed)
     if layout.pair_prompts.is_file() and layout.eval_prompts.is_file():
         return
     tokenizer = load_tokenizer(base_model_path(cfg, layout))
-    held_out = load_reviews(cfg.data, cfg.data.prompt_split, cfg.seed)
-    pair_prompts, eval_prompts = make_prompts(held_out, tokenizer, cfg.data, cfg.pairs.num_prompts,
-                                              cfg.eval.num_prompts, cfg.eval.fixed_prompts, cfg.seed)
+    if cfg.pairs.source == "dataset":
+        pair_prompts, eval_prompts = dataset_prompts(cfg, tokenizer)
+    else:
+        held_out = load_reviews(cfg.data, cfg.data.prompt_split, cfg.seed)
+        pair_prompts, eval_prompts = make_prompts(held_out, tokenizer, cfg.data, cfg.pairs.num_prompts,
+                                                  cfg.eval.num_prompts, cfg.eval.fixed_prompts, cfg.seed)
     atomic_write_jsonl(layout.eval_prompts, [{"prompt": p} for p in eval_prompts])
     atomic_write_jsonl(layout.pair_prompts, [{"prompt": p} for p in pair_prompts])  # written last: the marker
+
+
+def tokenizer_texts(cfg: PipelineConfig) -> list[str]:
+    """What the tiny model's tokenizer is trained on: the reviews, or the preference data's own text."""
+    if cfg.pairs.source != "dataset":
+        return load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
+    train, eval_rows = preferences.load(cfg)
+    rows = train.rows + (eval_rows.rows if eval_rows is not None else [])
+    return [text for row in rows for text in (row["prompt"], row["chosen"], row["rejected"])]
+
+
+def dataset_prompts(cfg: PipelineConfig, tokenizer) -> tuple[list[str], list[str]]:
+    """pairs.source=dataset: the training pairs' prompts (RLOO's) and the held-out eval prompts."""
+    train, eval_rows = preferences.load(cfg)
+    held = preferences.held_out_prompts(cfg, train, eval_rows, tokenizer)
+    pair_prompts = list(dict.fromkeys(r["prompt"] for r in preferences.training_rows(train, held)))
+    return pair_prompts, list(cfg.eval.fixed_prompts) + held
+
+
+def sft_texts(cfg: PipelineConfig, layout: RunLayout) -> list[str]:
+    """SFT's texts: the reviews, or prompt + chosen of the preference training rows (eval prompts left out)."""
+    if cfg.pairs.source != "dataset":
+        return load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
+    train, _ = preferences.load(cfg)
+    held = [r["prompt"] for r in read_jsonl(layout.eval_prompts)]
+    return [row["prompt"] + row["chosen"] for row in preferences.training_rows(train, held)]
+
+
+def use_base(cfg: PipelineConfig, layout: RunLayout) -> dict:
+    """sft.enabled=false: prepare, then hand model.name on as the SFT model (a link, no copy), so DPO and
+    eval start from it and use it as their reference."""
+    from pipeline.data.hub import resolve
+
+    if layout.is_done("sft"):
+        return read_json(layout.done_path("sft"))
+    started = time.time()
+    prepare(cfg, layout)
+    target = Path(resolve(base_model_path(cfg, layout))).resolve()
+    link = layout.sft_model
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(link.name + ".link")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    ProgressFile(layout.progress_path("sft")).update(force=True, status="done", step=0, total_steps=0)
+    return write_manifest(layout.done_path("sft"), config=to_dict(cfg), started=started,
+                          inputs={"model": base_model_path(cfg, layout)},
+                          metrics={"trained": False, "sft_model": str(target)})
 
 
 def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
@@ -40,7 +100,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         from pipeline.training.batching import sft_trainer_class
         from pipeline.models.policy import load_model, load_tokenizer
 
-        texts = load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
+        texts = sft_texts(cfg, layout)
         if cfg.data.max_train_examples:
             texts = texts[:cfg.data.max_train_examples]
         tokenizer = load_tokenizer(base_model_path(cfg, layout))
@@ -49,7 +109,8 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
                          packing_strategy="bfd")
         trainer = sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                                       processing_class=tokenizer, callbacks=setup.callbacks)
-        return BuiltTrainer(trainer, tokenizer, {"model": base_model_path(cfg, layout), "dataset": cfg.data.dataset,
+        dataset = cfg.pairs.dataset if cfg.pairs.source == "dataset" else cfg.data.dataset
+        return BuiltTrainer(trainer, tokenizer, {"model": base_model_path(cfg, layout), "dataset": dataset,
                                                  "train_examples": len(texts)})
 
     return run_training_stage(cfg, layout, directory="sft", task=None, train=cfg.sft, wandb_key="sft", build=build,

@@ -1,0 +1,179 @@
+"""Preference data from a dataset (pairs.source=dataset): open a split, map its columns, convert its
+rows to TRL's standard explicit-prompt form ({prompt, chosen, rejected} strings) and count the rows
+that cannot be trained on.
+
+Formats accepted (TRL's): standard rows with an explicit prompt column, or an implicit prompt (chosen
+and rejected share it as a prefix: TRL's `extract_prompt` cuts it off). Conversational rows (message
+lists) are refused with the reason. `check_before_submit` runs at launch, after prefetch, so a bad
+dataset is refused before any job exists; the pairs stage converts again and also drops (and counts)
+the rows longer than dpo.max_length tokens, once the policy's tokenizer exists.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from pipeline.source_config import PAIR_ROLES
+
+FIELD = "pairs.dataset"
+DROP_REASONS = ("empty", "identical", "too_long")
+
+
+@dataclass
+class Converted:
+    rows: list[dict]                       # usable {prompt, chosen, rejected} strings
+    dropped: dict[str, int] = field(default_factory=lambda: {reason: 0 for reason in DROP_REASONS})
+    total: int = 0                         # rows read
+    implicit_prompt: bool = False
+
+
+def open_split(cfg: PipelineConfig, split: str, split_fields: str, snapshot: str | None = None):
+    """One split of pairs.dataset as a `datasets.Dataset`: a local file/directory, or a hub id read from
+    `snapshot` (at launch) or from the job's prefetched snapshot (pipeline.data.hub.resolve)."""
+    from pipeline.data import sources
+
+    path = Path(cfg.pairs.dataset).expanduser()
+    if path.exists():
+        return sources.load_local_split(path, split, FIELD, split_fields)
+    if snapshot is None:
+        from pipeline.data.hub import resolve
+
+        snapshot = resolve(cfg.pairs.dataset, "dataset")
+    if snapshot == cfg.pairs.dataset:  # not in a job and not prefetched: datasets downloads it
+        import datasets
+
+        return datasets.load_dataset(cfg.pairs.dataset, split=split)
+    _check_hub_split(snapshot, split, split_fields, cfg.pairs.dataset)
+    return sources.load_snapshot_split(snapshot, cfg.pairs.dataset, split, FIELD, split_fields)
+
+
+def _check_hub_split(snapshot: str, split: str, split_fields: str, dataset_id: str) -> None:
+    import datasets
+
+    try:
+        names = datasets.get_dataset_split_names(snapshot)
+    except Exception:  # noqa: BLE001 - the loader then reports its own error
+        return
+    if split not in names:
+        raise ValueError(f"{split_fields}: {FIELD}={dataset_id} has no split {split!r}; its splits: "
+                         f"{', '.join(names)}")
+
+
+def column_names(cfg: PipelineConfig) -> dict[str, str]:
+    """The dataset column each role is read from (pairs.columns, else the role's own name)."""
+    return {role: cfg.pairs.columns.get(role, role) for role in PAIR_ROLES}
+
+
+def check_columns(cfg: PipelineConfig, found: list[str]) -> bool:
+    """Refuses missing columns, naming the ones found and the fix; returns whether the prompt is explicit."""
+    names = column_names(cfg)
+    missing = [f"{role} (column {names[role]!r})" for role in ("chosen", "rejected") if names[role] not in found]
+    explicit = names["prompt"] in found
+    if "prompt" in cfg.pairs.columns and not explicit:
+        missing.insert(0, f"prompt (column {names['prompt']!r})")
+    if missing:
+        raise ValueError(f"pairs.columns: {FIELD}={cfg.pairs.dataset} lacks {', '.join(missing)}; its columns: "
+                         f"{', '.join(found)}. Map them, e.g. --set pairs.columns.prompt=question "
+                         "--set pairs.columns.chosen=response_j --set pairs.columns.rejected=response_k (leave "
+                         "the prompt out when chosen and rejected start with it)")
+    return explicit
+
+
+def _refuse_conversational(value, role: str, cfg: PipelineConfig) -> None:
+    if isinstance(value, list) or isinstance(value, dict):
+        raise ValueError(f"{FIELD}: {cfg.pairs.dataset} is conversational ({role} holds message lists); only the "
+                         "standard format (prompt/chosen/rejected strings) is supported so far: convert the "
+                         "messages to text (e.g. with the model's chat template) first")
+
+
+def convert(cfg: PipelineConfig, dataset) -> Converted:
+    """Rows of one split in the standard explicit-prompt form; empty and identical pairs counted, not kept."""
+    explicit = check_columns(cfg, list(dataset.column_names))
+    names = column_names(cfg)
+    out = Converted(rows=[], total=len(dataset), implicit_prompt=not explicit)
+    extract = None
+    if not explicit:
+        from trl.data_utils import extract_prompt as extract
+    for row in dataset:
+        chosen, rejected = row[names["chosen"]], row[names["rejected"]]
+        prompt = row[names["prompt"]] if explicit else None
+        for role, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            _refuse_conversational(value, role, cfg)
+        if not (isinstance(chosen, str) and chosen.strip() and isinstance(rejected, str) and rejected.strip()):
+            out.dropped["empty"] += 1
+            continue
+        if chosen == rejected:
+            out.dropped["identical"] += 1
+            continue
+        if extract is not None:
+            parts = extract({"chosen": chosen, "rejected": rejected})
+            prompt, chosen, rejected = parts["prompt"], parts["chosen"], parts["rejected"]
+        if not (isinstance(prompt, str) and prompt.strip() and chosen.strip() and rejected.strip()):
+            out.dropped["empty"] += 1
+            continue
+        if chosen == rejected:
+            out.dropped["identical"] += 1
+            continue
+        out.rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def held_out_prompts(cfg: PipelineConfig, train: Converted, eval_rows: Converted | None, tokenizer=None) -> list[str]:
+    """The eval prompts (after eval.fixed_prompts): from eval.prompt_split's rows when given, else held out of
+    the training rows; distinct, in an order set by the run's seed, none of them a fixed prompt. With a
+    tokenizer, prompts too long to sample eval.max_new_tokens after them within the trained length are skipped."""
+    source = eval_rows.rows if eval_rows is not None else train.rows
+    prompts = list(dict.fromkeys(r["prompt"] for r in source if r["prompt"] not in cfg.eval.fixed_prompts))
+    random.Random(cfg.seed).shuffle(prompts)
+    if tokenizer is not None:
+        limit = max(cfg.data.prompt_max_tokens, cfg.dpo.max_length - cfg.eval.max_new_tokens)
+        prompts = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= limit]
+    return prompts[:cfg.eval.num_prompts - len(cfg.eval.fixed_prompts)]
+
+
+def load(cfg: PipelineConfig, snapshot: str | None = None) -> tuple[Converted, Converted | None]:
+    """The converted training split and, with eval.prompt_split, the converted eval split."""
+    train = convert(cfg, open_split(cfg, cfg.pairs.train_split, "pairs.train_split", snapshot))
+    eval_rows = None
+    if cfg.eval.prompt_split is not None:
+        eval_rows = convert(cfg, open_split(cfg, cfg.eval.prompt_split, "eval.prompt_split", snapshot))
+    return train, eval_rows
+
+
+def training_rows(train: Converted, eval_prompts: list[str]) -> list[dict]:
+    """The training rows whose prompt is not an eval prompt (held-out prompts are never trained on)."""
+    held = set(eval_prompts)
+    return [r for r in train.rows if r["prompt"] not in held]
+
+
+def drop_too_long(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Rows whose prompt + chosen or prompt + rejected fit in `max_length` tokens, and how many did not."""
+    kept = []
+    for row in rows:
+        longest = max(len(tokenizer(row["prompt"] + row[role])["input_ids"]) for role in ("chosen", "rejected"))
+        if longest <= max_length:
+            kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def check_before_submit(cfg: PipelineConfig, snapshot: str | None = None) -> dict:
+    """At launch (after prefetch): the splits exist, the columns are there, the format is supported and
+    rows are left to train on and to hold out. Returns the counts (rows, usable, dropped per reason)."""
+    train, eval_rows = load(cfg, snapshot)
+    held = held_out_prompts(cfg, train, eval_rows)
+    usable = training_rows(train, held)
+    if not usable:
+        raise ValueError(f"{FIELD}: {cfg.pairs.dataset} split {cfg.pairs.train_split!r} has no usable rows: "
+                         f"{train.total} read, dropped {train.dropped['empty']} empty and {train.dropped['identical']} "
+                         f"with identical chosen/rejected" + (f", {len(train.rows)} held out for eval" if train.rows
+                                                              else "") + "; give a dataset with distinct chosen and "
+                         "rejected responses (or lower eval.num_prompts)")
+    wanted = cfg.eval.num_prompts - len(cfg.eval.fixed_prompts)
+    if len(held) < wanted:
+        where = f"split {cfg.eval.prompt_split!r}" if eval_rows is not None else f"split {cfg.pairs.train_split!r}"
+        raise ValueError(f"eval.num_prompts: {FIELD} {where} has {len(held)} distinct prompts to hold out, fewer "
+                         f"than the {wanted} asked (eval.num_prompts={cfg.eval.num_prompts} less "
+                         f"{len(cfg.eval.fixed_prompts)} fixed); lower eval.num_prompts")
+    return {"rows": train.total, "usable": len(usable), "held_out_prompts": len(held), **train.dropped}
