@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs import records
+from jobs import arrays, records
 from jobs.config import (ExperimentConfig, config_differences, load_run_config, resolve_config, save_config,
                          stage_resources)
 from jobs.presets import PRESETS
@@ -149,6 +149,7 @@ class PlannedJob:
     resources: SlurmResources
     depends_on: list[str] = field(default_factory=list)   # job ids, or "<stage>" placeholders in a plan
     corresponding: list[str] = field(default_factory=list)  # arrays whose task i this job's task i waits for
+    chunk: int = 0                       # which of its stage's arrays (a stage over MaxArraySize has several)
 
 
 def plan_slurm(cfg: ExperimentConfig, layout: RunLayout, states: dict[str, queue.JobRecord] | None = None,
@@ -275,14 +276,14 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
     known = [job_id for _, job_id in records.latest(layout).values()]
     states = queue.query_jobs(known) if known else {}
     planned, stale = plan_slurm(cfg, layout, states, until)
+    planned = arrays.split(planned, queue.max_array_size())
     if stale:
         queue.cancel_jobs(stale)
         log(f"cancelled {len(stale)} pending job(s) waiting on failed upstream jobs: {' '.join(stale)}")
-    submitted: dict[str, str] = {}
+    submitted: dict[str, list[str]] = {}  # stage -> its arrays (jobs) submitted now
     made: list[records.Submission] = []
     for job in planned:
-        deps = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.depends_on]
-        corresponding = [submitted[d[1:-1]] if d.startswith("<") else d for d in job.corresponding]
+        deps, corresponding = arrays.resolve(job.depends_on, submitted), arrays.resolve(job.corresponding, submitted)
         folder = layout.jobs / job.stage.name
         intent = records.Submission(job.stage.name, "", {records.task_key(t): "" for t in job.tasks}, "slurm",
                                     str(folder), intent=records.new_intent())
@@ -297,7 +298,7 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
         submission = dataclasses.replace(intent, job_id=parent,
                                          tasks={records.task_key(t): h.job_id for t, h in zip(job.tasks, handles)})
         records.replace(layout, intent.intent, submission)
-        submitted[job.stage.name] = parent
+        submitted.setdefault(job.stage.name, []).append(parent)
         made.append(submission)
         after = f" after {','.join(deps)}" if deps else ""
         after += f" task by task after {','.join(corresponding)}" if corresponding else ""
@@ -327,8 +328,8 @@ def _undo(layout: RunLayout, made: list[records.Submission], stage: Stage, error
         records.replace(layout, submission.intent, None)
     reason = " ".join(str(error).split())
     undone = f"; cancelled the {len(ids)} job(s) this launch had submitted ({' '.join(ids)})" if ids else ""
-    return ValueError(f"stage {stage.name}: SLURM refused the job: {reason}{undone}. Fix slurm.{stage.resources} "
-                      "(partition, account, qos, ...) and run again")
+    advice = submit.refusal_advice(reason, f"slurm.{stage.resources}")
+    return ValueError(f"stage {stage.name}: SLURM refused the job: {reason}{undone}. {advice}")
 
 
 @contextlib.contextmanager
@@ -365,6 +366,7 @@ def launch(run_dir: str | Path, preset: str | None, config_file: str | None, set
     check_executor_fits(executor, kind, cfg)
     if dry_run:
         planned, _ = plan_slurm(cfg, layout, until=until)
+        planned = arrays.split(planned, queue.max_array_size())
         log(render_plan(cfg, layout, planned) if planned else "nothing to submit")
         return 0
     existed = layout.root.exists()

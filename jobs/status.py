@@ -48,6 +48,11 @@ def _eta_s(progress: dict, state: str) -> float | None:
 
 
 UNREACHABLE = "UNKNOWN (SLURM did not answer)"
+# A submitted task that is not done and whose job SLURM no longer knows (neither the queue nor, where there is
+# one, the accounting database): it ended without its DONE marker (failed or cancelled); `run` submits it again.
+# Without an accounting database this is how every job that did not finish its task ends up once the controller
+# forgets it (MinJobAge after its end).
+ENDED = "ENDED"
 
 
 def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[dict]:
@@ -81,7 +86,7 @@ def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[di
                 state = COMPLETED if done else ("RUNNING" if _pid_alive(job_id) else "FAILED")
             else:
                 state = COMPLETED if done else ("NOT_SUBMITTED" if entry is None else
-                                                UNREACHABLE if unreachable else "UNKNOWN")
+                                                UNREACHABLE if unreachable else ENDED)
             progress = _progress(layout, stage, task, done)
             restarts = progress.get("restarts", [])
             rows.append({
@@ -150,7 +155,7 @@ def cost_lines(rows: list[dict]) -> list[str]:
 
 
 def finished(rows: list[dict]) -> bool:
-    return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] == "NOT_SUBMITTED" for r in rows)
+    return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] in ("NOT_SUBMITTED", ENDED) for r in rows)
 
 
 def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0) -> int:

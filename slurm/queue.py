@@ -252,6 +252,14 @@ def cancel_jobs(job_ids: list[str], runner: Runner = subprocess.run) -> list[str
     return [ln for ln in lines if ln not in serious]
 
 
+def max_array_size(runner: Runner = subprocess.run) -> int | None:
+    """The controller's `MaxArraySize` (`scontrol show config`): an array's task indices must be below it, so
+    an array holds at most that many tasks (0: no arrays at all). None when scontrol does not answer."""
+    out, _ = _run(runner, ["scontrol", "show", "config"])
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", out or "", re.M)
+    return int(m.group(1)) if m else None
+
+
 def jobs_with_comment(comment: str, runner: Runner = subprocess.run) -> list[str]:
     """Ids of the caller's queued or running jobs whose comment is `comment` (array tasks one by one).
 

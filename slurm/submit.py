@@ -89,6 +89,44 @@ def dependency_string(dependencies: Iterable[str], allow_placeholders: bool = Fa
     return ",".join(parts) or None
 
 
+# Limits sbatch names when it refuses a job (Slurm's job_state_reason names), in words.
+_LIMIT_RE = re.compile(r"\b((?:QOS|Assoc)(?:Grp|Max)\w*Limit)\b")
+_LIMIT_MEANINGS = {
+    "QOSMaxSubmitJobPerUserLimit": "the QOS's MaxSubmitJobsPerUser, how many jobs one user may have queued or "
+                                   "running at once (each array task counts)",
+    "QOSMaxSubmitJobPerAccountLimit": "the QOS's MaxSubmitJobsPerAccount (each array task counts)",
+    "QOSGrpSubmitJobsLimit": "the QOS's GrpSubmitJobs, jobs queued or running under the QOS (each array task counts)",
+    "AssocMaxSubmitJobLimit": "your association's MaxSubmitJobs, how many jobs you may have queued or running at "
+                              "once (each array task counts)",
+    "AssocGrpSubmitJobsLimit": "the association's GrpSubmitJobs (each array task counts)",
+}
+
+
+def refusal_limit(message: str) -> tuple[str, str] | None:
+    """(limit name, what it means) when sbatch's refusal names a QOS or association limit; else None."""
+    m = _LIMIT_RE.search(message)
+    if not m:
+        return None
+    name = m.group(1)
+    kind = "QOS" if name.startswith("QOS") else "association"
+    return name, _LIMIT_MEANINGS.get(name, f"a limit of the {kind} the job runs under (`sacctmgr show {'qos' if kind == 'QOS' else 'assoc'}`)")
+
+
+def refusal_advice(reason: str, section: str) -> str:
+    """What to do about sbatch's refusal `reason` of a job sized by config `section`: a site limit SLURM named
+    is no wrong resource value."""
+    limit = refusal_limit(reason)
+    if limit is not None:
+        return (f"SLURM reported the limit {limit[0]}: {limit[1]}. Wait until fewer of your jobs are queued, run "
+                f"fewer tasks (arms, seeds, shards), or use a QOS/account with a larger limit ({section}.qos, "
+                f"{section}.account), then run again")
+    if "invalid job array specification" in reason.lower():
+        return ("The array is larger than the controller allows (MaxArraySize in `scontrol show config`; the "
+                "launcher splits arrays to it when scontrol answers): check that `scontrol show config` works "
+                "here, then run again")
+    return f"Fix {section} (partition, account, qos, ...) and run again"
+
+
 def _slurm_params(resources: SlurmResources, job_name: str, dependency: str | None) -> dict[str, Any]:
     params = resources.to_submitit_params(job_name)
     if dependency:

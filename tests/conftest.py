@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run single-threaded per process: CI has 2 cores and runs jobs beside them."""
+import contextlib
 import json
 import os
 import re
@@ -177,3 +178,30 @@ def _comm(pid: str) -> str:
         return Path(f"/proc/{pid}/comm").read_text()
     except FileNotFoundError:
         return ""
+
+
+CLUSTER_SETTINGS = ("SLURM_DPO_TASK_PLUGIN", "SLURM_DPO_ACCOUNTING", "SLURM_DPO_MAX_ARRAY_SIZE")
+
+
+def restart_cluster(settings: dict[str, str], timeout: float = 300) -> str:
+    """Restart the test cluster's daemons (slurm/cluster/start.sh, state kept) with `settings` (SLURM_DPO_*
+    variables; {} = the default cluster) once no job is left; returns `scontrol show config`."""
+    deadline = time.time() + timeout
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, "jobs still queued; cannot restart the cluster"
+        time.sleep(2)
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_SETTINGS}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "start.sh")], env={**env, **settings},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"start.sh with {settings} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def cluster_with(settings: dict[str, str]):
+    """The test cluster restarted with `settings` for the duration, then (also on failure) the default one."""
+    try:
+        yield restart_cluster(settings)
+    finally:
+        subprocess.run(["scancel", "-u", "root"], capture_output=True)
+        restart_cluster({})

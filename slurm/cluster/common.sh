@@ -24,6 +24,18 @@ case "$SLURM_DPO_TASK_PLUGIN" in
     *) echo "SLURM_DPO_TASK_PLUGIN=$SLURM_DPO_TASK_PLUGIN: use task/none or task/affinity" >&2; exit 2 ;;
 esac
 
+# slurmdbd: accounting on MariaDB (sacct knows every job). none: AccountingStorageType=accounting_storage/none,
+# no slurmdbd, as on small clusters without an accounting database (sacct then fails).
+SLURM_DPO_ACCOUNTING="${SLURM_DPO_ACCOUNTING:-slurmdbd}"
+case "$SLURM_DPO_ACCOUNTING" in
+    slurmdbd|none) ;;
+    *) echo "SLURM_DPO_ACCOUNTING=$SLURM_DPO_ACCOUNTING: use slurmdbd or none" >&2; exit 2 ;;
+esac
+# MaxArraySize of the controller (an array's task indices must be below it); empty: Slurm's default (1001).
+SLURM_DPO_MAX_ARRAY_SIZE="${SLURM_DPO_MAX_ARRAY_SIZE:-}"
+[[ -z $SLURM_DPO_MAX_ARRAY_SIZE || $SLURM_DPO_MAX_ARRAY_SIZE =~ ^[0-9]+$ ]] || {
+    echo "SLURM_DPO_MAX_ARRAY_SIZE=$SLURM_DPO_MAX_ARRAY_SIZE: use a number (or leave it unset)" >&2; exit 2; }
+
 MYSQL_DATADIR="$SLURM_DPO_STATE/mysql"
 MYSQL_SOCKET="$SLURM_DPO_RUN/mysql/mysqld.sock"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install (if needed), configure and start a single-node Slurm 22.05 cluster with
-# slurmdbd accounting on localhost. Idempotent: daemons already running are left alone.
+# Install (if needed), configure and start a Slurm 22.05 cluster of 1-3 nodes with
+# slurmdbd accounting (or none: SLURM_DPO_ACCOUNTING=none) on localhost. Idempotent: daemons already running are left alone.
 #
 #   SLURM_DPO_FRESH=1  wipe slurmctld state + accounting DB first (job ids restart at 1)
 #   see common.sh for the other SLURM_DPO_* knobs.
@@ -113,6 +113,18 @@ resolve_node_names() {
     done < <(node_names)
 }
 
+# The accounting lines of slurm.conf (SLURM_DPO_ACCOUNTING), then MaxArraySize if SLURM_DPO_MAX_ARRAY_SIZE is set.
+accounting_and_limit_lines() {
+    if [[ $SLURM_DPO_ACCOUNTING == none ]]; then
+        echo "# SLURM_DPO_ACCOUNTING=none: no accounting database (sacct fails), as on many small clusters"
+        echo "AccountingStorageType=accounting_storage/none"
+    else
+        printf '%s\n' AccountingStorageType=accounting_storage/slurmdbd AccountingStorageHost=localhost \
+            AccountingStoragePort=6819 AccountingStorageTRES=gres/gpu
+    fi
+    if [[ -n $SLURM_DPO_MAX_ARRAY_SIZE ]]; then echo "MaxArraySize=$SLURM_DPO_MAX_ARRAY_SIZE"; fi
+}
+
 write_configs() {
     local changed=0 gpu
     mkdir -p /etc/slurm "$SLURM_DPO_STATE/fakegpu"
@@ -167,10 +179,7 @@ ReturnToService=2
 # the node-failure tests see it in seconds; short enough for tests, long enough for a busy 2-core host.
 SlurmdTimeout=20
 
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-AccountingStoragePort=6819
-AccountingStorageTRES=gres/gpu
+$(accounting_and_limit_lines)
 JobCompType=jobcomp/none
 
 GresTypes=gpu
@@ -264,22 +273,26 @@ chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
 start_daemon munged munge -F --log-file="$SLURM_DPO_LOG/munged.log"
 wait_for munged bash -c 'munge -n | unmunge'
 
-# mariadb: private datadir/socket, TCP on 127.0.0.1 only; --no-defaults ignores /etc/mysql
-if [[ ! -d $MYSQL_DATADIR/mysql ]]; then
-    log "initialising MariaDB datadir $MYSQL_DATADIR"
-    mariadb-install-db --no-defaults --user=mysql --datadir="$MYSQL_DATADIR" \
-        --auth-root-authentication-method=socket >"$SLURM_DPO_LOG/mariadb-install-db.log" 2>&1 || {
-        tail -n 30 "$SLURM_DPO_LOG/mariadb-install-db.log" >&2; exit 1; }
-fi
-# innodb sizes: slurmdbd logs an error below half of its recommended values.
-start_daemon mariadbd mysql --no-defaults --datadir="$MYSQL_DATADIR" --socket="$MYSQL_SOCKET" \
-    --pid-file="$SLURM_DPO_RUN/mysql/mariadbd.pid" --bind-address=127.0.0.1 --port="$SLURM_DPO_DB_PORT" \
-    --skip-name-resolve --log-error="$SLURM_DPO_LOG/mariadbd.log" \
-    --innodb-buffer-pool-size=512M --innodb-log-file-size=64M --innodb-lock-wait-timeout=900
-wait_for mariadbd mysql_root -e 'SELECT 1'
+if [[ $SLURM_DPO_ACCOUNTING == none ]]; then
+    # no accounting database: slurmdbd is not started (and stopped if an earlier start left it running)
+    if is_running slurmdbd; then "$HERE/stop.sh" slurmdbd; fi
+else
+    # mariadb: private datadir/socket, TCP on 127.0.0.1 only; --no-defaults ignores /etc/mysql
+    if [[ ! -d $MYSQL_DATADIR/mysql ]]; then
+        log "initialising MariaDB datadir $MYSQL_DATADIR"
+        mariadb-install-db --no-defaults --user=mysql --datadir="$MYSQL_DATADIR" \
+            --auth-root-authentication-method=socket >"$SLURM_DPO_LOG/mariadb-install-db.log" 2>&1 || {
+            tail -n 30 "$SLURM_DPO_LOG/mariadb-install-db.log" >&2; exit 1; }
+    fi
+    # innodb sizes: slurmdbd logs an error below half of its recommended values.
+    start_daemon mariadbd mysql --no-defaults --datadir="$MYSQL_DATADIR" --socket="$MYSQL_SOCKET" \
+        --pid-file="$SLURM_DPO_RUN/mysql/mariadbd.pid" --bind-address=127.0.0.1 --port="$SLURM_DPO_DB_PORT" \
+        --skip-name-resolve --log-error="$SLURM_DPO_LOG/mariadbd.log" \
+        --innodb-buffer-pool-size=512M --innodb-log-file-size=64M --innodb-lock-wait-timeout=900
+    wait_for mariadbd mysql_root -e 'SELECT 1'
 
-if [[ ${WIPE_DB:-0} == 1 ]]; then mysql_root -e 'DROP DATABASE IF EXISTS slurm_acct_db'; fi
-mysql_root <<SQL
+    if [[ ${WIPE_DB:-0} == 1 ]]; then mysql_root -e 'DROP DATABASE IF EXISTS slurm_acct_db'; fi
+    mysql_root <<SQL
 DROP USER IF EXISTS ''@'localhost', ''@'$(hostname)';
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$SLURM_DPO_DB_PASS';
@@ -288,11 +301,12 @@ GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 SQL
 
-# slurmdbd: drops to SlurmUser itself; ready once sacctmgr can talk to it
-start_daemon slurmdbd root -D
-wait_for slurmdbd sacctmgr -n list cluster
-out="$(sacctmgr -i add cluster "$SLURM_DPO_CLUSTER" 2>&1)" || {
-    grep -qi 'already exists' <<<"$out" || { echo "$out" >&2; exit 1; }; }
+    # slurmdbd: drops to SlurmUser itself; ready once sacctmgr can talk to it
+    start_daemon slurmdbd root -D
+    wait_for slurmdbd sacctmgr -n list cluster
+    out="$(sacctmgr -i add cluster "$SLURM_DPO_CLUSTER" 2>&1)" || {
+        grep -qi 'already exists' <<<"$out" || { echo "$out" >&2; exit 1; }; }
+fi
 
 start_daemon slurmctld root -D
 wait_for slurmctld scontrol ping
