@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """slurm-dpo: SFT -> preference pairs -> DPO beta sweep -> reward-vs-KL eval, as SLURM jobs.
 
+`slurm-dpo` (installed by `pip install -e .`) and `python launch.py` are the same command.
+
   python launch.py run --preset tiny --run-dir runs/tiny          # whole pipeline
   python launch.py status --run-dir runs/tiny --watch              # queue + training progress
   python launch.py logs dpo --task 0.1 --run-dir runs/tiny         # a job's output
@@ -37,9 +39,19 @@ def _run_dir_arg(parser: argparse.ArgumentParser, required: bool = False) -> Non
                         help="the run directory (config, data, checkpoints, results, job records)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slurm-dpo")
+    except PackageNotFoundError:  # a checkout used without `pip install -e .`
+        return "unknown (not installed; run `pip install -e .`)"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or Path(sys.argv[0]).name, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="submit (or continue) a run: every stage that is not done or queued",
@@ -142,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of `python launch.py` and the installed `slurm-dpo`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
