@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # GPT-2 Large (774M parameters, tied embedding counted once), as `model.*` fields of a `tiny` model:
-# the pipeline builds it from config (`pipeline.models.build_tiny_base`), with 50,257 embedding rows
+# the pipeline builds it from config (`pipeline.models.policy.build_tiny_base`), with 50,257 embedding rows
 # whatever the size of the tokenizer, so the parameter count is the real one.
 GPT2_LARGE_SHAPE = {"n_layer": 36, "n_embd": 1280, "n_head": 20, "n_positions": 1024, "embedding_rows": 50257}
 

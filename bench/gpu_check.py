@@ -42,7 +42,7 @@ def settings(tiny: bool) -> list[str]:
 
 def run_job(run_dir: Path, stage: str, task: str | None, stop_at: int | None) -> float:
     """Run one stage task as a subprocess; with `stop_at`, send SIGUSR2 once that step is reached."""
-    from pipeline.layout import RunLayout
+    from pipeline.rundir.layout import RunLayout
     from pipeline.registry import get_stage
 
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from jobs.stages import StageJob; "
@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU sanity run with the tiny model")
     args = parser.parse_args()
     from jobs.config import resolve_config, save_config
-    from pipeline.layout import RunLayout
+    from pipeline.rundir.layout import RunLayout
     from pipeline.registry import get_stage
 
     run_dir = Path(args.out).resolve()

@@ -8,12 +8,12 @@ settings ("project", plus a variant or two), so the ratios are same-machine.
           autocast), and the preset with torch.compile (--compile-modes)                  bench/speed_dpo.py
   sft     SFT tokens/s and MFU on an IMDb-like length distribution: TRL SFTTrainer defaults vs the preset
           (packed rows), the preset with padded batches, and with torch.compile          bench/speed_sft.py
-  gen     sampling for the pairs stage: new tokens/s, plain HF generate vs pipeline.sampling.sample_completions
+  gen     sampling for the pairs stage: new tokens/s, plain HF generate vs pipeline.evaluation.sampling.sample_completions
           (static cache, batch 500) and the same with the dynamic cache; projected for 1,000 prompts x 4 x 128
                                                                                          bench/speed_gen.py
   reward  classifier scoring, sequences/s for 128 x 160 tokens (transformers pipeline defaults vs
-          pipeline.reward.ClassifierReward)                                              bench/speed_reward.py
-  eval    one policy's evaluation (pipeline.stages.eval.evaluate_policy: sampling + reward + KL), 100 prompts x 4
+          pipeline.models.reward.ClassifierReward)                                              bench/speed_reward.py
+  eval    one policy's evaluation (pipeline.evaluation.policies.evaluate_policy: sampling + reward + KL), 100 prompts x 4
                                                                                          bench/speed_eval.py
 
 Models are built from their configs with random weights (the pipeline's tiny GPT-2 at GPT-2 Large's shape, a

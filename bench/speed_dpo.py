@@ -18,9 +18,9 @@ def bench_dpo(ctx: Context) -> list[dict]:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.batching import dpo_trainer_class
-    from pipeline.models import MASTER_WEIGHTS
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.batching import dpo_trainer_class
+    from pipeline.models.policy import MASTER_WEIGHTS
+    from pipeline.training.loop import trainer_kwargs
 
     s, cfg, device = ctx.sizes, ctx.cfg, ctx.device
     # compiled variants compile (and record CUDA graphs) for each new batch shape during the warm-up

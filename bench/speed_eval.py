@@ -1,4 +1,4 @@
-"""speed.py's `eval` workload: one policy's evaluation through `pipeline.stages.eval.evaluate_policy`
+"""speed.py's `eval` workload: one policy's evaluation through `pipeline.evaluation.policies.evaluate_policy`
 (sampling + reward + KL) with the preset's eval settings, samples/s, and its projection to the sweep."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from bench.speed_setup import Context, model_copy, prompts
 
 
 def bench_eval(ctx: Context) -> list[dict]:
-    import pipeline.sampling as sampling
-    from pipeline.reward import ClassifierReward
+    import pipeline.evaluation.sampling as sampling
+    from pipeline.models.reward import ClassifierReward
     from pipeline.registry import trained_arms
-    from pipeline.stages.eval import Policy, evaluate_policy
+    from pipeline.evaluation.policies import Policy, evaluate_policy
 
     s, device = ctx.sizes, ctx.device
     reward_cfg = dataclasses.replace(ctx.cfg.reward, kind="classifier", model=str(ctx.classifier_dir))
@@ -48,7 +48,7 @@ def bench_eval(ctx: Context) -> list[dict]:
                         prompt_list[:max(1, cfg.eval.batch_size // cfg.eval.samples_per_prompt)],
                         partial_dir=ctx.workdir / "eval-warmup")
         parts: dict[str, float] = {}
-        # evaluate_policy and sample_resumable look these up in pipeline.sampling at call time: timed ones
+        # evaluate_policy and sample_resumable look these up in pipeline.evaluation.sampling at call time: timed ones
         with timed_functions(sampling, ["sample_completions", "completion_logprobs"], parts):
             result, seconds = timed(lambda: evaluate_policy(cfg, target, policy, ref, ctx.tokenizer, reward_fn,
                                                             prompt_list, partial_dir=ctx.workdir / "eval"), device)

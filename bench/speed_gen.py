@@ -1,6 +1,6 @@
 """speed.py's `gen` workload: sampling for the pairs stage, new tokens/s.
 
-baseline: plain `model.generate` (dynamic cache), float32. project: `pipeline.sampling.sample_completions`
+baseline: plain `model.generate` (dynamic cache), float32. project: `pipeline.evaluation.sampling.sample_completions`
 with the preset (static cache, compute dtype, pairs.batch_size), and the same with the other KV cache.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ def generated_lengths(new_tokens, eos: int) -> list[int]:
 def bench_gen(ctx: Context) -> list[dict]:
     import torch
 
-    from pipeline.sampling import sample_completions
+    from pipeline.evaluation.sampling import sample_completions
 
     s, cfg, device, tok = ctx.sizes, ctx.cfg, ctx.device, ctx.tokenizer
     k = cfg.pairs.completions_per_prompt

@@ -1,7 +1,7 @@
 """speed.py's `reward` workload: classifier scoring, sequences/s (RoBERTa-large-shaped, random init).
 
 baseline: a transformers `pipeline` with its defaults (the saved dtype, batch 1). project:
-`pipeline.reward.ClassifierReward` + `score_in_batches` with the preset's reward settings.
+`pipeline.models.reward.ClassifierReward` + `score_in_batches` with the preset's reward settings.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from bench.speed_setup import Context, reward_texts
 def bench_reward(ctx: Context) -> list[dict]:
     from transformers import AutoTokenizer, pipeline
 
-    from pipeline.reward import ClassifierReward, score_in_batches
+    from pipeline.models.reward import ClassifierReward, score_in_batches
 
     s, cfg, device = ctx.sizes, ctx.cfg, ctx.device
     path = ctx.classifier_dir

@@ -1,7 +1,7 @@
 """speed.py's set-up: sizes (full and --tiny), the project config, models, tokenizers and synthetic data.
 
-The policy is the pipeline's own `tiny` model at GPT-2 Large's shape (`pipeline.models.build_tiny_base`,
-random init, loaded with `pipeline.models.load_model` / `load_tokenizer`), with a word-level tokenizer
+The policy is the pipeline's own `tiny` model at GPT-2 Large's shape (`pipeline.models.policy.build_tiny_base`,
+random init, loaded with `pipeline.models.policy.load_model` / `load_tokenizer`), with a word-level tokenizer
 saved over the BPE one: one whitespace-separated word is one token, so every synthetic length is exact.
 No hub, no internet, no data set.
 """
@@ -100,7 +100,7 @@ def build_policy(sizes: Sizes, device, root: Path):
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.models import EOS, build_tiny_base, load_model, load_tokenizer
+    from pipeline.models.policy import EOS, build_tiny_base, load_model, load_tokenizer
 
     shape = ModelConfig(name="tiny", n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
                         n_positions=sizes.n_positions, vocab_size=300, embedding_rows=sizes.embedding_rows)
@@ -124,12 +124,12 @@ def model_copy(model, dtype, train: bool):
 
 def build_classifier_dir(sizes: Sizes, device, root: Path) -> Path:
     """A RoBERTa-shaped 2-label classifier (random init) + word-level tokenizer saved like a hub model,
-    so that `pipeline.reward.ClassifierReward` and a transformers pipeline load it by directory."""
+    so that `pipeline.models.reward.ClassifierReward` and a transformers pipeline load it by directory."""
     import torch
     from tokenizers.processors import TemplateProcessing
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from pipeline.models import EOS
+    from pipeline.models.policy import EOS
 
     path = root / "classifier"
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -226,7 +226,7 @@ class Context:
     def __init__(self, args, sizes: Sizes, device, workdir: Path):
         import torch
 
-        from pipeline.models import resolve_dtype
+        from pipeline.models.policy import resolve_dtype
 
         self.args = args
         self.sizes = sizes

@@ -17,9 +17,9 @@ def bench_sft(ctx: Context) -> list[dict]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.batching import sft_trainer_class
-    from pipeline.models import MASTER_WEIGHTS
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.batching import sft_trainer_class
+    from pipeline.models.policy import MASTER_WEIGHTS
+    from pipeline.training.loop import trainer_kwargs
 
     s, cfg, device = ctx.sizes, ctx.cfg, ctx.device
     warmup = s.sft_warmup_steps + (ctx.args.compile_warmup_steps if ctx.compiling(cfg.sft) else 0)

@@ -14,8 +14,8 @@ import yaml
 from jobs.presets import preset_layers
 from pipeline.config import PipelineConfig, upgrade_stored_config
 from pipeline.configlib import deep_merge, doc, from_dict, load_yaml, parse_assignment, to_dict
-from pipeline.data import validate_dataset_source
-from pipeline.layout import RunLayout, atomic_write_text
+from pipeline.data.sources import validate_dataset_source
+from pipeline.rundir.layout import RunLayout, atomic_write_text
 from pipeline.registry import STAGES
 from slurm.resources import SlurmResources
 

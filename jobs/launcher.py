@@ -21,7 +21,7 @@ from jobs.config import (ExperimentConfig, config_differences, load_run_config, 
                          stage_resources)
 from jobs.presets import PRESETS
 from jobs.stages import StageJob
-from pipeline.layout import RunLayout
+from pipeline.rundir.layout import RunLayout
 from pipeline.registry import STAGES, Stage, Task, stages_until
 from slurm import queue, submit
 from slurm.resources import SlurmResources
@@ -91,7 +91,7 @@ def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
     """Pin and download every hub model and dataset of the run (on the login node, before any job
     exists); jobs then read them offline. A run directory this call created is removed again if the
     prefetch fails, so a bad reference leaves nothing behind."""
-    from pipeline import hub
+    from pipeline.data import hub
 
     created = not layout.root.exists()
     try:

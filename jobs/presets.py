@@ -72,7 +72,7 @@ TINY = {
               for section in ("sft", "pairs", "dpo", "eval")},
 }
 
-# tiny's pipeline with every method of `pipeline.methods`, two seeds each, and shorter arms (80 prompts
+# tiny's pipeline with every method of `pipeline.training.methods`, two seeds each, and shorter arms (80 prompts
 # -> 480 pairs -> 30 DPO steps of 16, a checkpoint every 10) so 18 trained arms stay minutes on a CPU.
 # Strengths are TRL's beta for all four losses, but what it scales differs, so each method gets values
 # that ask for comparable log-ratio margins on these ~40-token completions:

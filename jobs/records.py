@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from pipeline.layout import RunLayout, atomic_write_json, read_json
+from pipeline.rundir.layout import RunLayout, atomic_write_json, read_json
 from pipeline.registry import task_key  # noqa: F401  (records are keyed by it)
 
 

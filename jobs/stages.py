@@ -10,8 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline import interrupt
-from pipeline.layout import RunLayout
+from pipeline.runtime import interrupt
+from pipeline.rundir.layout import RunLayout
 from pipeline.registry import Task, get_stage
 from slurm import environment
 
@@ -20,7 +20,7 @@ def run_stage(run_dir: str | Path, stage: str, task: Task = None):
     """Run one stage (or one array task) of the run in `run_dir`; idempotent."""
     from jobs.config import load_run_config
 
-    from pipeline import hub
+    from pipeline.data import hub
 
     cfg = load_run_config(run_dir)
     layout = RunLayout(run_dir)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import load_run_config
-from pipeline.layout import RunLayout, read_json
-from pipeline.progress import lost_steps
+from pipeline.rundir.layout import RunLayout, read_json
+from pipeline.rundir.progress import lost_steps
 from pipeline.registry import STAGES, Stage, Task, get_stage
 from slurm import queue, submit
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pipeline.configlib import doc
-from pipeline.methods import METHODS
+from pipeline.training.methods import METHODS
 
 SEED_EVAL_PROMPTS = ["I love", "Worth the entertainment value of a", "its a"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -23,7 +23,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # transformers' OptimizerNames that need nothing beyond torch (a test keeps them in step).
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adagrad", "rmsprop")
 # TRL DPOTrainer's pairwise losses (`DPOConfig.loss_type`; a test builds a DPOConfig with each); the
-# sweep's methods (`pipeline.methods`) each use one of them.
+# sweep's methods (`pipeline.training.methods`) each use one of them.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from pipeline.config import PipelineConfig
-from pipeline.layout import RunLayout
-from pipeline.methods import DEFAULT_METHOD, METHODS
+from pipeline.rundir.layout import RunLayout
+from pipeline.training.methods import DEFAULT_METHOD, METHODS
 
 
 # ------------------------------------------------------------------ typed array tasks
@@ -42,7 +42,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the sweep: a method (`pipeline.methods`), its strength (TRL's beta; N for Best-of-N;
+    """One arm of the sweep: a method (`pipeline.training.methods`), its strength (TRL's beta; N for Best-of-N;
     None for a method without one) and a training/sampling seed (None = the run's `seed`). Its key and
     tag are made here and nowhere else. Arms of trained methods are the dpo stage's array tasks
     (`trained_arms`); the eval stage evaluates every arm (`sweep_arms`).

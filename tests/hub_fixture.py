@@ -412,7 +412,7 @@ def hub_server(hub_repos, monkeypatch) -> HubServer:
     """A fresh hub on a free 127.0.0.1 port serving `hub_repos`, with HF_ENDPOINT pointing at it.
 
     Function scope: a test may `stop()` it (hub down) or `publish` a new revision without
-    affecting others. HF_ENDPOINT is read at call time by pipeline.hub; huggingface_hub itself
+    affecting others. HF_ENDPOINT is read at call time by pipeline.data.hub; huggingface_hub itself
     reads it at import, so in-process calls into the library pass `endpoint=hub_server.endpoint`.
     """
     server = hub_repos.serve(HubServer()).start()

@@ -54,7 +54,7 @@ GITATTRIBUTES = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter
 
 def imdb_like_reviews(n: int, seed: int) -> list[dict]:
     """`make_corpus` reviews with IMDb's `<br /><br />` paragraph breaks between some sentences."""
-    from pipeline.corpus import make_corpus
+    from pipeline.data.corpus import make_corpus
 
     rng = random.Random(seed)
     rows = []
@@ -90,7 +90,7 @@ def build_tiny_gpt2(out_dir: Path, texts: list[str]) -> Path:
     """A 2-layer GPT-2 with a byte-level BPE trained on `texts` (the project's own tiny builder),
     plus the extra formats real hub repos carry, which prefetch must skip."""
     from pipeline.config import ModelConfig
-    from pipeline.models import build_tiny_base
+    from pipeline.models.policy import build_tiny_base
 
     cfg = ModelConfig(name="tiny", n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=400)
     out_dir = build_tiny_base(cfg, texts, Path(out_dir), seed=0)

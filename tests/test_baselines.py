@@ -1,6 +1,6 @@
 """The two baselines of the sweep: Preferred-FT trains only on the chosen completions; Best-of-N keeps the
 highest-reward sample of each group of N, and its KL estimate and analytic value are what the derivation
-in pipeline/best_of_n.py says (continuous rewards: log N - (N-1)/N; tied rewards: below it)."""
+in pipeline/evaluation/best_of_n.py says (continuous rewards: log N - (N-1)/N; tied rewards: below it)."""
 import itertools
 import math
 import random
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from pipeline.best_of_n import analytic_kl, empirical_kl, keep_best
+from pipeline.evaluation.best_of_n import analytic_kl, empirical_kl, keep_best
 from pipeline.config import PipelineConfig
 from pipeline.configlib import from_dict
 from pipeline.registry import Arm
@@ -21,9 +21,9 @@ def preferred_ft_loss(tmp_path, rows):
     arm's TRL config (a fresh model with the same initial weights on every call)."""
     from datasets import Dataset
 
-    from pipeline.batching import dpo_trainer_class
+    from pipeline.training.batching import dpo_trainer_class
     from pipeline.stages.dpo import trl_config
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = from_dict(PipelineConfig, {"device": "cpu", "dpo": {"batch_size": len(rows), "max_length": 64},
                                      "sweep": {"methods": ["dpo", "preferred_ft"]}})
@@ -107,7 +107,7 @@ class LengthReward:
 
 
 def test_best_of_n_keeps_the_highest_reward_sample_of_each_group(tmp_path):
-    from pipeline.stages.eval import Policy, evaluate_best_of_n
+    from pipeline.evaluation.policies import Policy, evaluate_best_of_n
 
     n, draws = 4, 3
     fixed = "w1 w2"
@@ -202,7 +202,7 @@ def test_with_tied_rewards_the_estimate_finds_the_smaller_kl():
 def test_best_of_n_sampling_seeds_never_collide():
     """Every (N, seed) arm samples with its own seed, never the SFT row's (run seed + 7), for any seeds
     (a formula linear in N and seed repeated itself once seeds grew past its multiplier)."""
-    from pipeline.stages.eval import best_of_n_seed
+    from pipeline.evaluation.policies import best_of_n_seed
 
     run_seed = 9000
     seeds = {(n, s): best_of_n_seed(Arm(n, "best_of_n", s), run_seed) for n in range(2, 65) for s in range(0, 9000, 7)}

@@ -7,7 +7,7 @@ import yaml
 from conftest import launch
 from jobs.config import ExperimentConfig, load_run_config, resolve_config, save_config
 from pipeline.configlib import parse_assignment
-from pipeline.layout import RunLayout
+from pipeline.rundir.layout import RunLayout
 
 
 def test_layers_apply_in_order(tmp_path):
@@ -227,7 +227,7 @@ def test_optimizer_and_warmup_steps_reach_the_trainer(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer
     from trl import DPOConfig as TRLDPOConfig
 
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = resolve_config("dpo-paper", sets=["device=cpu", "distributed.zero_stage=0"])
     args = TRLDPOConfig(**trainer_kwargs(cfg, cfg.dpo, tmp_path, torch.device("cpu"), torch.float32, []))

@@ -1,7 +1,7 @@
 """GPU selection works whether a task sees all of its node's GPUs or only its own."""
 import pytest
 
-from pipeline.distributed import cuda_device_index
+from pipeline.runtime.distributed import cuda_device_index
 
 
 @pytest.mark.parametrize("local_rank, visible, expected", [
@@ -25,7 +25,7 @@ def test_resolve_device_follows_the_rule(monkeypatch):
     import torch
 
     from pipeline.config import PipelineConfig
-    from pipeline.models import resolve_device
+    from pipeline.models.policy import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")

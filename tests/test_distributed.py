@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, clone_before_dpo, launch, max_weight_difference, wait_for_step
 from jobs.config import resolve_config
-from pipeline.distributed import deepspeed_config
+from pipeline.runtime.distributed import deepspeed_config
 
 # ------------------------------------------------------------------ config generation and validation
 

@@ -18,10 +18,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.config import EvalConfig
-from pipeline.layout import atomic_write_jsonl
-from pipeline.sampling import _padded_batch, completion_logprobs, sample_completions, sample_resumable, sequence_kl
-from pipeline.stages.eval import (FRONTIER_COLUMNS, Policy, evaluate_policy, frontier_csv, plot_frontier,
-                                  report_markdown, reward_stderr)
+from pipeline.rundir.layout import atomic_write_jsonl
+from pipeline.evaluation.sampling import _padded_batch, completion_logprobs, sample_completions, sample_resumable, sequence_kl
+from pipeline.reporting.frontier import FRONTIER_COLUMNS, frontier_csv, plot_frontier
+from pipeline.evaluation.policies import Policy, evaluate_policy, reward_stderr
+from pipeline.reporting.report import report_markdown
 
 VOCAB = 512
 EOS = VOCAB - 1
@@ -214,7 +215,7 @@ def length_reward(texts):
 def test_sft_row_kl_is_the_sampler_vs_scorer_floor(tmp_path, monkeypatch):
     """The SFT row's KL is sampler_logp - scored log pi_sft, not the SFT model scored against itself
     (0 by construction); a DPO row keeps policy vs reference and also stores its sampler mismatch."""
-    import pipeline.sampling as sampling
+    import pipeline.evaluation.sampling as sampling
 
     reference = gpt2_scale_reference()
     tokenizer = CodepointTokenizer()

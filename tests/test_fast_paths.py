@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.batching import PackedRowsCollator, length_grouped_order
+from pipeline.training.batching import PackedRowsCollator, length_grouped_order
 
 
 def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
@@ -143,10 +143,10 @@ def project_dpo_trainer(tmp_path, model, ref_model, tokenizer, rows, **train_cha
     from datasets import Dataset
     from trl import DPOConfig
 
-    from pipeline.batching import dpo_trainer_class
+    from pipeline.training.batching import dpo_trainer_class
     from pipeline.config import PipelineConfig
     from pipeline.configlib import from_dict
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = from_dict(PipelineConfig, {"device": "cpu", "dpo": {"batch_size": len(rows), "max_length": 64,
                                                               **train_changes}})
@@ -187,7 +187,7 @@ def test_project_dpo_loss_and_gradients_match_the_plain_implementation(tmp_path,
 
 
 def test_length_grouped_sampler_depends_on_seed_and_epoch_only():
-    from pipeline.batching import LengthGroupedSampler
+    from pipeline.training.batching import LengthGroupedSampler
 
     lengths = [random.Random(i).randint(10, 200) for i in range(500)]
     sampler = LengthGroupedSampler(lengths, 8, seed=3)
@@ -202,7 +202,7 @@ def test_length_grouped_sampler_depends_on_seed_and_epoch_only():
 
 
 def test_dpo_trainer_uses_the_length_grouped_sampler_only_when_asked(tmp_path):
-    from pipeline.batching import LengthGroupedSampler
+    from pipeline.training.batching import LengthGroupedSampler
 
     tokenizer = word_tokenizer()
     rows = dpo_rows(40)
@@ -218,7 +218,7 @@ def test_dpo_trainer_uses_the_length_grouped_sampler_only_when_asked(tmp_path):
 # ------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("num_prompts", [4, 3], ids=["full-batches", "short-last-batch"])
 def test_static_cache_sampling_draws_the_same_tokens_as_the_dynamic_cache(num_prompts):
-    from pipeline.sampling import sample_completions
+    from pipeline.evaluation.sampling import sample_completions
 
     tokenizer = word_tokenizer()
     tokenizer.padding_side = "left"
@@ -238,7 +238,7 @@ def test_compiled_static_cache_sampling_draws_the_same_tokens():
     """What transformers does on a GPU with a static cache (compile the decode step), forced on the CPU."""
     from transformers import CompileConfig
 
-    from pipeline.sampling import sample_completions
+    from pipeline.evaluation.sampling import sample_completions
 
     tokenizer = word_tokenizer()
     tokenizer.padding_side = "left"
@@ -258,8 +258,8 @@ def test_compiled_static_cache_sampling_draws_the_same_tokens():
 def test_training_keeps_float32_weights_under_a_bf16_compute_dtype(tmp_path):
     from pipeline.config import PipelineConfig
     from pipeline.configlib import from_dict
-    from pipeline.models import load_model
-    from pipeline.training import trainer_kwargs
+    from pipeline.models.policy import load_model
+    from pipeline.training.loop import trainer_kwargs
 
     tiny_gpt2().save_pretrained(tmp_path / "m")
     trained = load_model(tmp_path / "m", torch.device("cpu"), torch.bfloat16, train=True)
@@ -278,7 +278,7 @@ def test_training_keeps_float32_weights_under_a_bf16_compute_dtype(tmp_path):
 def test_checkpoint_weights_are_copied_into_the_evaluated_model_in_place(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.models import load_model, load_weights_into
+    from pipeline.models.policy import load_model, load_weights_into
 
     tiny_gpt2(0).save_pretrained(tmp_path / "a")
     tiny_gpt2(1).save_pretrained(tmp_path / "b")
@@ -302,10 +302,10 @@ def test_packed_sft_trainer_uses_packed_rows_and_counts_every_row(tmp_path):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from pipeline.batching import PackedRowsCollator, sft_trainer_class
+    from pipeline.training.batching import PackedRowsCollator, sft_trainer_class
     from pipeline.config import PipelineConfig
     from pipeline.configlib import from_dict
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = from_dict(PipelineConfig, {"device": "cpu", "sft": {"packing": True, "batch_size": 3, "max_length": 32}})
     args = SFTConfig(**trainer_kwargs(cfg, cfg.sft, tmp_path / "out", torch.device("cpu"), torch.float32, []),

@@ -14,7 +14,7 @@ import pytest
 
 from hub_fixture import HubServer, hub_repos, hub_server  # noqa: F401 - fixtures (also importable from conftest)
 from hub_fixture_data import CLASSIFIER_ID, DATASET_ID, MODEL_ID, SPLIT_ROWS
-from pipeline import hub
+from pipeline.data import hub
 from pipeline.config import DataConfig, HubConfig, ModelConfig, PipelineConfig, RewardConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def hub_config(cache: Path, model=MODEL_ID, dataset=DATASET_ID, reward=CLASSIFIE
 
 
 def enter_job(monkeypatch, cfg, run_root):
-    """What a job process sees: the offline environment (HF_* read at call time by pipeline.hub)."""
+    """What a job process sees: the offline environment (HF_* read at call time by pipeline.data.hub)."""
     env = hub.offline_environment(cfg, run_root)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -123,7 +123,7 @@ def test_prefetch_then_jobs_load_offline(tmp_path, clean_env, hub_server):
     forbid_all_network(clean_env)
     enter_job(clean_env, cfg, run)
     clean_env.chdir(tmp_path)  # a relative hub id must not be mistaken for a directory
-    from pipeline.data import load_reviews
+    from pipeline.data.reviews import load_reviews
 
     train = load_reviews(cfg.data, "train", seed=0)
     test = load_reviews(cfg.data, "test", seed=0)
@@ -133,8 +133,8 @@ def test_prefetch_then_jobs_load_offline(tmp_path, clean_env, hub_server):
 
     import torch
 
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.reward import make_reward
+    from pipeline.models.policy import load_model, load_tokenizer
+    from pipeline.models.reward import make_reward
 
     tokenizer = load_tokenizer(MODEL_ID)
     model = load_model(MODEL_ID, torch.device("cpu"), torch.float32)
@@ -240,9 +240,9 @@ def test_local_sources_need_no_hub(tmp_path, clean_env, hub_repos):
 
     import torch
 
-    from pipeline.data import load_reviews
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.reward import make_reward
+    from pipeline.data.reviews import load_reviews
+    from pipeline.models.policy import load_model, load_tokenizer
+    from pipeline.models.reward import make_reward
 
     assert len(load_reviews(cfg.data, "train", seed=0)) == SPLIT_ROWS["train"]
     assert load_tokenizer(gpt2).padding_side == "left"
@@ -268,7 +268,7 @@ def test_fixture_hub_serves_huggingface_hub_and_datasets_through_hf_endpoint(tmp
     code = GUARDED + f"""
 from huggingface_hub import HfApi, HfFileSystem, snapshot_download
 from pipeline.config import DataConfig
-from pipeline.data import load_reviews
+from pipeline.data.reviews import load_reviews
 api = HfApi()
 assert api.model_info({MODEL_ID!r}).sha == sys.argv[2]
 assert api.dataset_info({DATASET_ID!r}).sha == sys.argv[3]

@@ -66,7 +66,7 @@ def check_hub_run(run_dir: Path, server) -> None:
     assert len(rows) == 1 + 1 + 3  # SFT + steps 5, 10, 15
     # the rewards are the classifier's: score the eval examples again with the prefetched classifier
     from pipeline.config import RewardConfig
-    from pipeline.reward import make_reward
+    from pipeline.models.reward import make_reward
 
     snapshot = run_dir / "cache" / "huggingface" / f"models--{CLASSIFIER_ID.replace('/', '--')}" / "snapshots" / \
         revisions["reward.model"]["revision"]

@@ -5,7 +5,7 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import interrupt
+from pipeline.runtime import interrupt
 
 
 def _rank(rank: int, port: int, results) -> None:
@@ -69,8 +69,8 @@ def test_finish_or_raise_raises_only_for_a_stop_before_the_last_step(tmp_path):
 
     import pytest
 
-    from pipeline.progress import ProgressFile
-    from pipeline.training import finish_or_raise
+    from pipeline.rundir.progress import ProgressFile
+    from pipeline.training.loop import finish_or_raise
 
     progress = ProgressFile(tmp_path / "progress.json")
     trainer = SimpleNamespace(state=SimpleNamespace(global_step=75, max_steps=75))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline.sampling import Sample, completion_logprobs, sample_completions, sequence_kl
+from pipeline.evaluation.sampling import Sample, completion_logprobs, sample_completions, sequence_kl
 
 VOCAB, EOS, MAX_NEW = 4, 3, 3
 PROMPT = [0, 1]

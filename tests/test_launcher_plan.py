@@ -8,7 +8,7 @@ import pytest
 from jobs import records
 from jobs.config import resolve_config, save_config
 from jobs.launcher import plan_slurm
-from pipeline.layout import RunLayout, atomic_write_json
+from pipeline.rundir.layout import RunLayout, atomic_write_json
 from pipeline.registry import Arm, FromSft, get_stage
 from slurm.queue import JobRecord
 

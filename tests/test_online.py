@@ -20,7 +20,7 @@ def test_an_online_arm_reaches_trl_with_its_beta_sampling_and_seed(tmp_path):
     import torch
 
     from pipeline.stages.dpo import rloo_config
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = resolve_config("tiny", sets=[*ONLINE, "seed=3", "online.num_generations=8", "online.max_new_tokens=24",
                                        "online.learning_rate=1e-5"])
@@ -33,7 +33,7 @@ def test_an_online_arm_reaches_trl_with_its_beta_sampling_and_seed(tmp_path):
 
 
 def test_the_online_reward_is_the_runs_reward_of_prompt_and_completion():
-    from pipeline.reward import make_reward
+    from pipeline.models.reward import make_reward
     from pipeline.stages.dpo import reward_function
 
     cfg = resolve_config("tiny")

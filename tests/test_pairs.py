@@ -28,7 +28,7 @@ def test_shards_partition_the_prompts():
 
 
 def test_generated_corpus_is_deterministic_and_review_length_is_configurable():
-    from pipeline.corpus import make_corpus
+    from pipeline.data.corpus import make_corpus
 
     short, again, long = make_corpus(300, 0), make_corpus(300, 0, max_sentences=4), make_corpus(300, 0, max_sentences=80)
     assert short == again  # the default is the tiny preset's corpus

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, launch
 from jobs import records
 from jobs.config import SlurmConfig, resolve_config, save_config
-from pipeline.layout import RunLayout
+from pipeline.rundir.layout import RunLayout
 from pipeline.registry import STAGE_BY_NAME, STAGES, Arm, FromSft, Shard, get_stage, stages_until
 from slurm import submit
 
@@ -60,7 +60,7 @@ def test_eval_sft_tasks_parse_and_refuse_trained_arms():
 
 
 def test_eval_assembly_names_the_missing_results(tmp_path):
-    from pipeline.layout import atomic_write_json
+    from pipeline.rundir.layout import atomic_write_json
     from pipeline.stages import eval as eval_stage
 
     cfg = resolve_config("tiny")
@@ -168,7 +168,7 @@ def test_no_per_stage_branches_outside_the_registry_and_the_stage_modules():
 
 # ------------------------------------------------------------------ status: save-time budget
 def test_status_warns_when_a_stop_save_used_more_than_half_of_the_warning_time(tmp_path):
-    from pipeline.layout import atomic_write_json
+    from pipeline.rundir.layout import atomic_write_json
 
     layout = RunLayout(tmp_path / "run")
     save_config(resolve_config("tiny"), layout)  # tiny: signal_lead_s=30

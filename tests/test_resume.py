@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clone_before_dpo, max_weight_difference, start_stage_job, wait_for_step
-from pipeline.training import COMPLETE, complete_checkpoints, is_eval_checkpoint, latest_checkpoint, prune_checkpoints
+from pipeline.training.loop import COMPLETE, complete_checkpoints, is_eval_checkpoint, latest_checkpoint, prune_checkpoints
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True, full: bool = True) -> Path:

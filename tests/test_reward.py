@@ -2,7 +2,7 @@
 import pytest
 
 from pipeline.config import RewardConfig
-from pipeline.reward import ClassifierReward, VaderReward, make_reward, score_in_batches
+from pipeline.models.reward import ClassifierReward, VaderReward, make_reward, score_in_batches
 
 
 def test_vader_orders_sentiment_and_stays_in_unit_interval():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clone_before_dpo, start_stage_job
-from pipeline import interrupt
+from pipeline.runtime import interrupt
 
 
 def wait_for_files(pattern_dir: Path, pattern: str, proc, timeout: float = 300) -> list[Path]:
@@ -24,8 +24,8 @@ def wait_for_files(pattern_dir: Path, pattern: str, proc, timeout: float = 300) 
 
 @pytest.mark.slow
 def test_sampling_stopped_after_each_batch_resumes_to_the_same_tokens(tiny_run, tmp_path):
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.sampling import sample_completions, sample_resumable
+    from pipeline.models.policy import load_model, load_tokenizer
+    from pipeline.evaluation.sampling import sample_completions, sample_resumable
 
     model_dir = tiny_run / "sft" / "final"
     tokenizer = load_tokenizer(model_dir)

@@ -1,6 +1,6 @@
 """Pairs and eval outlast their SLURM time limit and still finish, with no command from the user.
 
-Both sample in batches saved as they go (pipeline.sampling.sample_resumable) and check the stop flag
+Both sample in batches saved as they go (pipeline.evaluation.sampling.sample_resumable) and check the stop flag
 at each batch (and eval at each policy): SLURM's USR2 warning stops them at the next boundary, the
 job requeues itself (same id) and the next attempt continues from the saved batches. The two stages
 run side by side (two run directories) to share the wait.

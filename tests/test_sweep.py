@@ -10,10 +10,11 @@ import pytest
 from jobs import records
 from jobs.config import resolve_config, save_config
 from jobs.launcher import plan_slurm
-from pipeline.layout import RunLayout, atomic_write_json
-from pipeline.methods import METHODS
+from pipeline.rundir.layout import RunLayout, atomic_write_json
+from pipeline.training.methods import METHODS
 from pipeline.registry import Arm, get_stage, sweep_arms, trained_arms
-from pipeline.stages.eval import FRONTIER_COLUMNS, frontier_csv, report_markdown, seed_means, seed_means_csv
+from pipeline.reporting.frontier import FRONTIER_COLUMNS, frontier_csv, seed_means, seed_means_csv
+from pipeline.reporting.report import report_markdown
 
 TWO_BY_TWO_BY_TWO = ["sweep.methods=[dpo,ipo]", "sweep.strengths.ipo=[0.5,2]", "dpo.betas=[0.1,1]",
                      "sweep.seeds=[3,4]"]
@@ -143,7 +144,7 @@ def test_each_arm_reaches_trl_with_its_loss_strength_and_seed(tmp_path, arm, los
     import torch
 
     from pipeline.stages.dpo import trl_config
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = resolve_config("tiny", sets=["seed=5", "dpo.label_smoothing=0.2", "sweep.methods=[dpo,ipo,robust,hinge]"])
     args = trl_config(cfg, arm, trainer_kwargs(cfg, cfg.dpo, tmp_path, torch.device("cpu"), torch.float32, []))
@@ -234,7 +235,7 @@ def test_means_over_seeds_and_their_standard_errors_match_a_hand_computation(tmp
     assert "Mean over seeds" in report and "| ipo | 0.5 | 10 | 3 | 0.750 ± " in report
     assert "### IPO τ = 0.5, seed 2 (step 10)" in report and "### DPO β = 0.1, seed 0 (step 10)" in report
 
-    from pipeline.stages.eval import plot_frontier
+    from pipeline.reporting.frontier import plot_frontier
 
     plot_frontier(results, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -264,7 +265,7 @@ def test_preferred_ft_reaches_trl_as_the_sft_loss_and_best_of_n_is_not_trained(t
     import torch
 
     from pipeline.stages.dpo import trl_config
-    from pipeline.training import trainer_kwargs
+    from pipeline.training.loop import trainer_kwargs
 
     cfg = resolve_config("tiny", sets=["seed=5", "sweep.methods=[dpo,preferred_ft,best_of_n]"])
     kwargs = trainer_kwargs(cfg, cfg.dpo, tmp_path, torch.device("cpu"), torch.float32, [])
@@ -277,7 +278,7 @@ def test_preferred_ft_reaches_trl_as_the_sft_loss_and_best_of_n_is_not_trained(t
 def test_best_of_n_rows_in_the_frontier_and_the_report(tmp_path):
     from types import SimpleNamespace
 
-    from pipeline.stages.eval import plot_frontier
+    from pipeline.reporting.frontier import plot_frontier
 
     def bon_row(n, seed, reward, kl, analytic):
         return {"policy": "best_of_n", "id": f"best-of-n-{n}-seed-{seed}", "beta": None, "strength": n,

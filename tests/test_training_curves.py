@@ -5,13 +5,13 @@ from pathlib import Path
 from transformers import TrainerControl, TrainerState
 
 from pipeline.config import DPOConfig, PipelineConfig
-from pipeline.curves import (DPO_CURVES_PNG, DPO_PANELS, SFT_LOSS_PNG, collect_training_curves, dpo_curves_figure,
+from pipeline.reporting.curves import (DPO_CURVES_PNG, DPO_PANELS, SFT_LOSS_PNG, collect_training_curves, dpo_curves_figure,
                              draw_training_curves, metric_series)
-from pipeline.layout import RunLayout
-from pipeline.metrics_log import MetricsLog, read_metrics_log
-from pipeline.progress import ProgressFile
+from pipeline.rundir.layout import RunLayout
+from pipeline.rundir.metrics_log import MetricsLog, read_metrics_log
+from pipeline.rundir.progress import ProgressFile
 from pipeline.registry import Arm
-from pipeline.training import CheckpointAndProgress
+from pipeline.training.loop import CheckpointAndProgress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

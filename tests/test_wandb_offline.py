@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clone_before_dpo, start_stage_job, wait_for_step
-from pipeline.training import latest_checkpoint
+from pipeline.training.loop import latest_checkpoint
 
 STEP_METRIC = "train/global_step"  # transformers' WandbCallback: define_metric("*", step_metric=...)
 

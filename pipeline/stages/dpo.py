@@ -9,10 +9,10 @@ from __future__ import annotations
 from functools import partial
 
 from pipeline.config import PipelineConfig
-from pipeline.layout import RunLayout
-from pipeline.methods import METHODS
+from pipeline.rundir.layout import RunLayout
+from pipeline.training.methods import METHODS
 from pipeline.registry import Arm, trained_arms
-from pipeline.training import BuiltTrainer, TrainingSetup, is_eval_checkpoint, run_training_stage
+from pipeline.training.loop import BuiltTrainer, TrainingSetup, is_eval_checkpoint, run_training_stage
 
 
 def trl_config(cfg: PipelineConfig, arm: Arm, trainer_kwargs: dict):
@@ -66,8 +66,8 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
     def build(setup: TrainingSetup) -> BuiltTrainer:
         from datasets import Dataset
 
-        from pipeline.batching import dpo_trainer_class
-        from pipeline.models import MASTER_WEIGHTS, load_model, load_tokenizer
+        from pipeline.training.batching import dpo_trainer_class
+        from pipeline.models.policy import MASTER_WEIGHTS, load_model, load_tokenizer
 
         # Loaded from the file with an on-disk cache shared by every arm: tokenisation and (with
         # dpo.precompute_ref_log_probs) the reference log-probs are computed once per run and reused
@@ -89,9 +89,9 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
     def build_online(setup: TrainingSetup) -> BuiltTrainer:
         from datasets import Dataset
 
-        from pipeline.layout import read_jsonl
-        from pipeline.models import load_tokenizer
-        from pipeline.reward import make_reward
+        from pipeline.rundir.layout import read_jsonl
+        from pipeline.models.policy import load_tokenizer
+        from pipeline.models.reward import make_reward
         from trl import RLOOTrainer
 
         prompts = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(layout.pair_prompts)])

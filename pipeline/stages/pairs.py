@@ -11,11 +11,11 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import interrupt
+from pipeline.runtime import interrupt
 from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
-from pipeline.layout import RunLayout, atomic_write_jsonl, read_json, read_jsonl, write_manifest
-from pipeline.progress import ProgressFile
+from pipeline.rundir.layout import RunLayout, atomic_write_jsonl, read_json, read_jsonl, write_manifest
+from pipeline.rundir.progress import ProgressFile
 from pipeline.registry import Shard
 
 
@@ -49,9 +49,9 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
         return 0
     from tqdm import tqdm
 
-    from pipeline.models import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
-    from pipeline.reward import make_reward, score_in_batches
-    from pipeline.sampling import sample_resumable
+    from pipeline.models.policy import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
+    from pipeline.models.reward import make_reward, score_in_batches
+    from pipeline.evaluation.sampling import sample_resumable
 
     setup_process(cfg)
     prompts = shard_prompts([r["prompt"] for r in read_jsonl(layout.pair_prompts)], shard, cfg.pairs.num_shards)

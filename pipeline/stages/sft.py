@@ -6,9 +6,9 @@ and for the tiny preset the base model with its locally trained tokenizer.
 from __future__ import annotations
 
 from pipeline.config import PipelineConfig
-from pipeline.data import load_reviews, make_prompts
-from pipeline.layout import RunLayout, atomic_write_jsonl
-from pipeline.training import BuiltTrainer, TrainingSetup, run_training_stage
+from pipeline.data.reviews import load_reviews, make_prompts
+from pipeline.rundir.layout import RunLayout, atomic_write_jsonl
+from pipeline.training.loop import BuiltTrainer, TrainingSetup, run_training_stage
 
 
 def base_model_path(cfg: PipelineConfig, layout: RunLayout) -> str:
@@ -17,7 +17,7 @@ def base_model_path(cfg: PipelineConfig, layout: RunLayout) -> str:
 
 def prepare(cfg: PipelineConfig, layout: RunLayout) -> None:
     """Tiny base model (if any) and the disjoint pair/eval prompt files; skipped when present."""
-    from pipeline.models import build_tiny_base, load_tokenizer
+    from pipeline.models.policy import build_tiny_base, load_tokenizer
 
     if cfg.model.name == "tiny" and not (layout.base_model / "config.json").is_file():
         texts = load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
@@ -37,8 +37,8 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         from datasets import Dataset
         from trl import SFTConfig
 
-        from pipeline.batching import sft_trainer_class
-        from pipeline.models import load_model, load_tokenizer
+        from pipeline.training.batching import sft_trainer_class
+        from pipeline.models.policy import load_model, load_tokenizer
 
         texts = load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
         if cfg.data.max_train_examples:

@@ -12,12 +12,12 @@ from typing import Callable, NamedTuple
 import torch
 from transformers import TrainerCallback
 
-from pipeline import distributed, interrupt
+from pipeline.runtime import distributed, interrupt
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.configlib import to_dict
-from pipeline.layout import RunLayout, atomic_replace_dir, atomic_write_json, read_json, write_manifest
-from pipeline.metrics_log import MetricsLog
-from pipeline.progress import ProgressFile
+from pipeline.rundir.layout import RunLayout, atomic_replace_dir, atomic_write_json, read_json, write_manifest
+from pipeline.rundir.metrics_log import MetricsLog
+from pipeline.rundir.progress import ProgressFile
 
 COMPLETE = "COMPLETE.json"  # written into checkpoint-N/ only after the Trainer finished saving it
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -323,7 +323,7 @@ def run_training_stage(cfg: PipelineConfig, layout: RunLayout, *, directory: str
     if done.is_file():
         return read_json(done)
     started = time.time()
-    from pipeline.models import resolve_device, resolve_dtype, setup_process
+    from pipeline.models.policy import resolve_device, resolve_dtype, setup_process
 
     setup_process(cfg)
     device = resolve_device(cfg)

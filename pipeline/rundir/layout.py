@@ -167,7 +167,7 @@ class RunLayout:
         return self.stage_dir(directory, task) / "progress.json"
 
     def metrics_log(self, directory: str, task=None) -> Path:
-        """The trainer's logged metrics, one JSON line per log record (see `pipeline.metrics_log`)."""
+        """The trainer's logged metrics, one JSON line per log record (see `pipeline.rundir.metrics_log`)."""
         return self.stage_dir(directory, task) / "metrics.jsonl"
 
     def checkpoints_dir(self, directory: str, task=None) -> Path:

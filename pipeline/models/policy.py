@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, PipelineConfig
-from pipeline.layout import atomic_replace_dir
+from pipeline.rundir.layout import atomic_replace_dir
 
 EOS = "<|endoftext|>"
 
@@ -50,7 +50,7 @@ def resolve_device(cfg: PipelineConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but torch sees no GPU; use --set device=cpu or run on a GPU node")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        from pipeline.distributed import cuda_device_index
+        from pipeline.runtime.distributed import cuda_device_index
 
         # one process per GPU, whether the task sees all of the node's GPUs or only its own
         return torch.device("cuda", cuda_device_index(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()))
@@ -94,10 +94,10 @@ def build_tiny_base(cfg: ModelConfig, texts: list[str], out_dir: Path, seed: int
 def load_tokenizer(path_or_name: str | Path):
     """Left padding (generation) and a pad token (GPT-2 has none; EOS serves).
 
-    A hub id is opened from its prefetched snapshot inside jobs (pipeline.hub.resolve)."""
+    A hub id is opened from its prefetched snapshot inside jobs (pipeline.data.hub.resolve)."""
     from transformers import AutoTokenizer
 
-    from pipeline.hub import resolve
+    from pipeline.data.hub import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(path_or_name, "model"), padding_side="left")
     if tokenizer.pad_token is None:
@@ -113,10 +113,10 @@ MASTER_WEIGHTS = torch.float32
 
 def load_model(path_or_name: str | Path, device: torch.device, dtype: torch.dtype, train: bool = False):
     """`dtype` is the compute dtype; a model loaded for training keeps float32 weights. A hub id is
-    opened from its prefetched snapshot inside jobs (pipeline.hub.resolve)."""
+    opened from its prefetched snapshot inside jobs (pipeline.data.hub.resolve)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.hub import resolve
+    from pipeline.data.hub import resolve
 
     model = AutoModelForCausalLM.from_pretrained(resolve(path_or_name, "model"),
                                                  dtype=MASTER_WEIGHTS if train else dtype)

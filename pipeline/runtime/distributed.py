@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.layout import atomic_write_json
+from pipeline.rundir.layout import atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.interrupt import KILLED
-from pipeline.layout import atomic_write_json, read_json
+from pipeline.runtime.interrupt import KILLED
+from pipeline.rundir.layout import atomic_write_json, read_json
 
 
 def lost_steps(restarts: list[dict]) -> int:

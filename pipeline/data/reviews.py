@@ -1,8 +1,8 @@
 """Review data: load one split's texts, and cut the pair/eval prompts from held-out reviews.
 
-`data.dataset` is one of: 'tiny' (the generated corpus of pipeline.corpus, no files); a local
+`data.dataset` is one of: 'tiny' (the generated corpus of pipeline.data.corpus, no files); a local
 .parquet/.jsonl/.csv file or directory; or a hub dataset id such as stanfordnlp/imdb. Inside a
-job a hub id is read from the snapshot `launch.py prefetch` downloaded (pipeline.hub.resolve),
+job a hub id is read from the snapshot `launch.py prefetch` downloaded (pipeline.data.hub.resolve),
 never from the network; outside jobs `datasets` fetches it itself.
 """
 from __future__ import annotations
@@ -12,10 +12,8 @@ import random
 from pathlib import Path
 
 from pipeline.config import DataConfig
-from pipeline.corpus import make_corpus
-
-LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-
+from pipeline.data.corpus import make_corpus
+from pipeline.data.sources import LOCAL_FORMATS
 
 def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
     """Texts of one split. `cfg.dataset` is 'tiny', a local file/directory, or a hub id."""
@@ -37,7 +35,7 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
         chosen = [named[split]] if split in named else files
         dataset = datasets.load_dataset(builder, data_files=[str(p) for p in chosen], split="train")
     else:
-        from pipeline.hub import resolve
+        from pipeline.data.hub import resolve
 
         source = resolve(cfg.dataset, "dataset")
         if source == cfg.dataset:  # not in a job: datasets downloads it
@@ -55,21 +53,13 @@ def _load_snapshot(snapshot: str, dataset_id: str, split: str):
     import datasets
 
     try:
-        # HF_DATASETS_CACHE is read at call time: the job sets it (pipeline.hub.offline_environment)
+        # HF_DATASETS_CACHE is read at call time: the job sets it (pipeline.data.hub.offline_environment)
         return datasets.load_dataset(snapshot, split=split, cache_dir=os.environ.get("HF_DATASETS_CACHE"))
     except ValueError as error:
         if "split" not in str(error).lower():
             raise
         raise ValueError(f"data.dataset: {dataset_id} has no split {split!r} ({error}); set data.train_split / "
                          "data.prompt_split to one of its splits") from error
-
-
-def validate_dataset_source(cfg: DataConfig) -> None:
-    """Fail before any job is submitted if a local dataset path is missing."""
-    looks_local = cfg.dataset.startswith(("/", "./", "../", "~")) or Path(cfg.dataset).suffix in LOCAL_FORMATS
-    if cfg.dataset != "tiny" and looks_local and not Path(cfg.dataset).expanduser().exists():
-        raise ValueError(f"data.dataset: {cfg.dataset} does not exist; give an existing .parquet/.jsonl/.csv "
-                         "file or directory, a hub id such as stanfordnlp/imdb, or 'tiny'")
 
 
 def clean_review(text: str) -> str:

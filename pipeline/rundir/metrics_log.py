@@ -2,7 +2,7 @@
 
 Written by the training callback (main process only) as `{"step": N, <metric>: value, ...}` with
 the Trainer's own metric names (`loss`, `learning_rate`, TRL's `rewards/margins`, ...); read back by
-`pipeline.curves` for the report's training curves. Kept apart from checkpoints so it survives
+`pipeline.reporting.curves` for the report's training curves. Kept apart from checkpoints so it survives
 their pruning and deletion, and apart from wandb so a run without wandb has it too.
 
 Requeue/resume: a resumed attempt re-logs every step after the checkpoint it resumed from. The
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.layout import atomic_write_text
+from pipeline.rundir.layout import atomic_write_text
 
 STEP = "step"
 

@@ -152,15 +152,15 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
 
 
 def sample_resumable(model, tokenizer, prompts: list[str], partial_dir, label: str, **kwargs) -> list[list[Sample]]:
-    """`sample_completions` saved batch by batch into `partial_dir`: a stop request (pipeline.interrupt)
+    """`sample_completions` saved batch by batch into `partial_dir`: a stop request (pipeline.runtime.interrupt)
     raises StageInterrupted right after the current batch is saved, and rerunning continues with the
     next batch, drawing exactly the tokens an uninterrupted call draws. The caller removes
     `partial_dir` once it has written its result. Batches saved before `sampler_logp` was recorded
     load with sampler_logp=None."""
     from pathlib import Path
 
-    from pipeline import interrupt
-    from pipeline.layout import atomic_write_jsonl, read_jsonl
+    from pipeline.runtime import interrupt
+    from pipeline.rundir.layout import atomic_write_jsonl, read_jsonl
 
     partial_dir = Path(partial_dir)
     restored = {}

@@ -1,7 +1,7 @@
 """Training curves for the report: the SFT loss, and per DPO arm the loss, reward accuracy, reward
 margin and chosen/rejected log-probs against the optimizer step.
 
-Drawn from the metrics log each training stage keeps (`pipeline.metrics_log`), not from wandb. A run
+Drawn from the metrics log each training stage keeps (`pipeline.rundir.metrics_log`), not from wandb. A run
 made before that log existed falls back to the log history in the stage's newest complete
 checkpoint (`trainer_state.json`, which pruning keeps) when there is one; a stage with neither is
 left out of the report rather than failing it.
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.layout import RunLayout, read_json
-from pipeline.metrics_log import merge_by_step, read_metrics_log
-from pipeline.methods import DEFAULT_METHOD
+from pipeline.rundir.layout import RunLayout, read_json
+from pipeline.rundir.metrics_log import merge_by_step, read_metrics_log
+from pipeline.training.methods import DEFAULT_METHOD
 from pipeline.registry import trained_arms
 
 SFT_LOSS_PNG = "sft_loss.png"
@@ -54,7 +54,7 @@ def stage_log(layout: RunLayout, directory: str, task=None) -> dict[int, dict] |
     logged = read_metrics_log(layout.metrics_log(directory, task))
     if logged:
         return logged
-    from pipeline.training import latest_checkpoint
+    from pipeline.training.loop import latest_checkpoint
 
     newest = latest_checkpoint(layout.checkpoints_dir(directory, task))
     state = read_json(newest[1] / "trainer_state.json") if newest else None

@@ -1,7 +1,7 @@
 """Sentiment reward: texts -> P(positive) in [0, 1].
 
 `classifier` is the seed's siebert/sentiment-roberta-large-english through a transformers
-pipeline (inside jobs read from the prefetched snapshot, see pipeline.hub.resolve); `vader` is the
+pipeline (inside jobs read from the prefetched snapshot, see pipeline.data.hub.resolve); `vader` is the
 offline lexicon model (its compound score in [-1, 1] mapped to [0, 1]).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class ClassifierReward:
         import torch
         from transformers import pipeline
 
-        from pipeline.hub import resolve
+        from pipeline.data.hub import resolve
 
         self._cfg = cfg
         dtype = torch.bfloat16 if getattr(device, "type", "cpu") == "cuda" else torch.float32

@@ -5,7 +5,7 @@ run. So `prefetch` (run by `launch.py` on the login node, before anything is sub
 every hub reference of the config (`references`) to a commit sha, records it in
 `RUN/hub_revisions.json` (a relaunch reuses the recorded shas), and downloads those exact
 revisions into the cache (`cache_dir`). Jobs run with `offline_environment`: HF_*_OFFLINE=1, the
-cache, and SLURM_DPO_HUB_REVISIONS naming the record. The loaders (pipeline.models, data,
+cache, and SLURM_DPO_HUB_REVISIONS naming the record. The loaders (pipeline.models.policy, data,
 reward) pass every model/dataset name through `resolve`, which turns a recorded hub id into its
 snapshot directory, so a job opens plain local files and never touches the network.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import PipelineConfig
-from pipeline.data import validate_dataset_source
-from pipeline.layout import RunLayout, atomic_write_json, read_json
+from pipeline.data.sources import validate_dataset_source
+from pipeline.rundir.layout import RunLayout, atomic_write_json, read_json
 
 REVISIONS_ENV = "SLURM_DPO_HUB_REVISIONS"
 PREFETCH_HINT = ("run `python launch.py prefetch --run-dir RUN` (`launch.py run` does it before submitting) "
