@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data.corpus import make_corpus
-from pipeline.data.sources import LOCAL_FORMATS
+from pipeline.data.sources import LOCAL_FORMATS, local_files
 
 def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
     """Texts of one split. `cfg.dataset` is 'tiny', a local file/directory, or a hub id."""
@@ -24,15 +24,8 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
 
     path = Path(cfg.dataset).expanduser()
     if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS)
-        if not files:
-            raise ValueError(f"data.dataset: {path} holds no .parquet/.jsonl/.csv files")
-        builder = LOCAL_FORMATS.get(files[0].suffix)
-        if builder is None:
-            raise ValueError(f"data.dataset: {path.suffix!r} is not one of {', '.join(LOCAL_FORMATS)}")
-        # A single local file or a flat directory has one split; files named after splits are used as such.
-        named = {p.stem.split("-")[0]: p for p in files}
-        chosen = [named[split]] if split in named else files
+        chosen = local_files(path, split)
+        builder = LOCAL_FORMATS[chosen[0].suffix]
         dataset = datasets.load_dataset(builder, data_files=[str(p) for p in chosen], split="train")
     else:
         from pipeline.data.hub import resolve
