@@ -87,6 +87,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until every stage is finished")
     status.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch")
     status.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
+    status.add_argument("--all", dest="show_all", action="store_true",
+                        help="one row per array task even for a big sweep (else a stage of more than 8 tasks is "
+                             "one row: its arms as method x strengths x seeds and the count per state)")
+    status.add_argument("--task", metavar="PATTERN",
+                        help="only these tasks, one row each: a key (0.1, ipo:0.5) or a shell pattern ('ipo:*', "
+                             "'*:seed3'), or a stage name")
 
     cancel = sub.add_parser("cancel", help="cancel every queued or running job of the run")
     _run_dir_arg(cancel, required=True)
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from jobs.status import show_status
 
-            return show_status(args.run_dir, watch=args.watch, as_json=args.json, interval=args.interval)
+            return show_status(args.run_dir, watch=args.watch, as_json=args.json, interval=args.interval,
+                               show_all=args.show_all, task=args.task)
         if args.command == "cancel":
             from jobs.status import cancel_run
 

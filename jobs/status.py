@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import load_run_config
+from jobs.summary import fold_note, select_rows, summarise_rows
 from pipeline.rundir.layout import RunLayout, read_json
 from pipeline.rundir.progress import lost_steps
 from pipeline.registry import STAGES, Stage, Task, get_stage
@@ -137,10 +138,14 @@ def finished(rows: list[dict]) -> bool:
     return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] == "NOT_SUBMITTED" for r in rows)
 
 
-def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0) -> int:
+def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0,
+                show_all: bool = False, task: str | None = None) -> int:
+    """A big array is one summary row per stage unless `show_all`; `task` (a key or shell pattern) picks rows."""
     while True:
         notes: list[str] = []
         rows = collect_rows(run_dir, notes)
+        if task is not None:
+            rows = select_rows(rows, task)
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         if as_json:
@@ -149,7 +154,10 @@ def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interv
             if watch:
                 print("\033[2J\033[H", end="")
             print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
-            print(format_table(rows))
+            shown = rows if show_all or task is not None else summarise_rows(rows)
+            print(format_table(shown))
+            if fold_note(shown):
+                print(fold_note(shown))
             for warning in (w for r in rows for w in r["warnings"]):
                 print(f"warning: {warning}")
         if not watch or finished(rows):
