@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import load_run_config
-from jobs.summary import fold_note, select_rows, summarise_rows
+from jobs.summary import fold_note, job_ids_line, select_rows, summarise_rows
 from pipeline.rundir.layout import RunLayout, read_json
 from pipeline.rundir.progress import lost_steps
 from pipeline.registry import STAGES, Stage, Task, get_stage
@@ -179,7 +179,7 @@ def cancel_run(run_dir: str) -> int:
         if sub.executor == "local" and _pid_alive(job_id):
             os.kill(int(job_id), 15)
             active.append(job_id)
-    print(f"cancelled {len(active)} job(s): {' '.join(active)}" if active else "no queued or running jobs")
+    print(f"cancelled {len(active)} job(s): {job_ids_line(active)}" if active else "no queued or running jobs")
     return 0
 
 

@@ -118,3 +118,11 @@ def summarise_rows(rows: list[dict]) -> list[dict]:
             "summarised": len(group),
         })
     return folded
+
+
+def job_ids_line(job_ids: list[str]) -> str:
+    """The ids `cancel` names: all of them when few, else the jobs and arrays they belong to."""
+    if len(job_ids) <= LIST_AT_MOST:
+        return " ".join(job_ids)
+    parents = list(dict.fromkeys(job_id.split("_")[0] for job_id in job_ids))
+    return f"jobs and arrays {' '.join(parents)}"

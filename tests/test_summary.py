@@ -4,7 +4,7 @@ import json
 
 from conftest import launch
 from jobs.config import resolve_config, save_config
-from jobs.summary import describe_tasks, select_rows, summarise_rows
+from jobs.summary import describe_tasks, job_ids_line, select_rows, summarise_rows
 from pipeline.registry import Arm, Shard
 from pipeline.rundir.layout import RunLayout
 
@@ -78,3 +78,8 @@ def test_summarised_rows_count_states_and_sum_steps():
     assert row["task"] == "10 arms: dpo x 1 strength (0.1) x 10 seeds (0 .. 9)" and row["summarised"] == 10
     assert [r["task"] for r in select_rows(rows, "*:seed[13]")] == ["dpo:0.1:seed1", "dpo:0.1:seed3"]
     assert len(select_rows(rows, "dpo:0.1:*")) == 10
+
+
+def test_cancel_names_few_ids_and_the_arrays_of_many():
+    assert job_ids_line(["19", "20_0", "20_1"]) == "19 20_0 20_1"
+    assert job_ids_line(["19", "20_0", "20_1"] + [f"22_{i}" for i in range(600)]) == "jobs and arrays 19 20 22"
