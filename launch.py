@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """slurm-dpo: SFT -> preference pairs -> DPO beta sweep -> reward-vs-KL eval, as SLURM jobs.
 
+`slurm-dpo` (installed by `pip install -e .`) and `python launch.py` are the same command.
+
   python launch.py run --preset tiny --run-dir runs/tiny          # whole pipeline
   python launch.py status --run-dir runs/tiny --watch              # queue + training progress
   python launch.py logs dpo --task 0.1 --run-dir runs/tiny         # a job's output
@@ -37,9 +39,19 @@ def _run_dir_arg(parser: argparse.ArgumentParser, required: bool = False) -> Non
                         help="the run directory (config, data, checkpoints, results, job records)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slurm-dpo")
+    except PackageNotFoundError:  # a checkout used without `pip install -e .`
+        return "unknown (not installed; run `pip install -e .`)"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or Path(sys.argv[0]).name, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="submit (or continue) a run: every stage that is not done or queued",
@@ -75,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until every stage is finished")
     status.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch")
     status.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
+    status.add_argument("--all", dest="show_all", action="store_true",
+                        help="one row per array task even for a big sweep (else a stage of more than 8 tasks is "
+                             "one row: its arms as method x strengths x seeds and the count per state)")
+    status.add_argument("--task", metavar="PATTERN",
+                        help="only these tasks, one row each: a key (0.1, ipo:0.5) or a shell pattern ('ipo:*', "
+                             "'*:seed3'), or a stage name")
 
     cancel = sub.add_parser("cancel", help="cancel every queued or running job of the run")
     _run_dir_arg(cancel, required=True)
@@ -113,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from jobs.status import show_status
 
-            return show_status(args.run_dir, watch=args.watch, as_json=args.json, interval=args.interval)
+            return show_status(args.run_dir, watch=args.watch, as_json=args.json, interval=args.interval,
+                               show_all=args.show_all, task=args.task)
         if args.command == "cancel":
             from jobs.status import cancel_run
 
@@ -142,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of `python launch.py` and the installed `slurm-dpo`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

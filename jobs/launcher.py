@@ -21,6 +21,7 @@ from jobs.config import (ExperimentConfig, config_differences, load_run_config, 
                          stage_resources)
 from jobs.presets import PRESETS
 from jobs.stages import StageJob
+from jobs.summary import describe_tasks, submitted_tasks
 from pipeline.rundir.layout import RunLayout
 from pipeline.registry import STAGES, Stage, Task, stages_until
 from slurm import queue, submit
@@ -236,7 +237,7 @@ def render_plan(cfg: ExperimentConfig, layout: RunLayout, planned: list[PlannedJ
         script = submit.render_sbatch(job.resources, layout.jobs / job.stage.name, _job_name(cfg, job.stage),
                                       array_size=array, dependencies=job.depends_on, corresponding=job.corresponding,
                                       **container_args(cfg, layout))
-        tasks = f" tasks {', '.join(records.task_key(t) for t in job.tasks)}" if job.stage.is_array else ""
+        tasks = f" tasks {describe_tasks(job.tasks)}" if job.stage.is_array else ""  # one line, even for 600 arms
         parts.append(f"# ---- stage {job.stage.name}{tasks}\n{script}")
     return "\n".join(parts)
 
@@ -302,7 +303,7 @@ def submit_slurm(cfg: ExperimentConfig, layout: RunLayout, until: str | None = N
         made.append(submission)
         after = f" after {','.join(deps)}" if deps else ""
         after += f" task by task after {','.join(corresponding)}" if corresponding else ""
-        log(f"{job.stage.name:>12}: submitted job {parent}{' (' + str(len(handles)) + ' tasks)' if job.stage.is_array else ''}{after}")
+        log(f"{job.stage.name:>12}: submitted job {parent}{' (' + submitted_tasks(job.tasks) + ')' if job.stage.is_array else ''}{after}")
     if not made:
         log("nothing to submit: every stage is done or already queued/running")
     return made

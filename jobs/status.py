@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jobs import records
 from jobs.config import load_run_config
+from jobs.summary import fold_note, job_ids_line, select_rows, summarise_rows
 from pipeline.rundir.attempts import Cost
 from pipeline.rundir.layout import RunLayout, read_json
 from pipeline.reporting import cost as run_cost
@@ -158,10 +159,14 @@ def finished(rows: list[dict]) -> bool:
     return all(r["done"] or r["state"] in queue.FAILED_STATES or r["state"] in ("NOT_SUBMITTED", ENDED) for r in rows)
 
 
-def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0) -> int:
+def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interval: float = 10.0,
+                show_all: bool = False, task: str | None = None) -> int:
+    """A big array is one summary row per stage unless `show_all`; `task` (a key or shell pattern) picks rows."""
     while True:
         notes: list[str] = []
         rows = collect_rows(run_dir, notes)
+        if task is not None:
+            rows = select_rows(rows, task)
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         if as_json:
@@ -170,7 +175,10 @@ def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interv
             if watch:
                 print("\033[2J\033[H", end="")
             print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
-            print(format_table(rows))
+            shown = rows if show_all or task is not None else summarise_rows(rows)
+            print(format_table(shown))
+            if fold_note(shown):
+                print(fold_note(shown))
             for summary in dict.fromkeys(r["summary"] for r in rows if r["summary"]):  # stages sharing a DONE.json
                 print(summary)
             for line in cost_lines(rows):
@@ -196,7 +204,7 @@ def cancel_run(run_dir: str) -> int:
         if sub.executor == "local" and _pid_alive(job_id):
             os.kill(int(job_id), 15)
             active.append(job_id)
-    print(f"cancelled {len(active)} job(s): {' '.join(active)}" if active else "no queued or running jobs")
+    print(f"cancelled {len(active)} job(s): {job_ids_line(active)}" if active else "no queued or running jobs")
     return 0
 
 

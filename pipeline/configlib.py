@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -51,12 +52,42 @@ def parse_assignment(assignment: str) -> dict:
     return nested
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names one key twice (plain YAML would silently keep the last)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (`<<` merges may still override)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first_line.get(key)
+                except TypeError:  # an unhashable key; the base class reports it
+                    continue
+                if seen is not None:
+                    raise DuplicateKeyError(None, None, f"key {key!r} given twice (first on line {seen}); "
+                                            "keep one of them", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str) -> Any:
+    """`yaml.safe_load` that refuses duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"--config {path}: {_yaml_problem(exc)}") from None
     except UnicodeDecodeError as exc:
@@ -72,13 +103,14 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
-    return f"{where}{problem}{' (' + context + ')' if context else ''}; fix the YAML syntax".replace("\n", " ")
+    fix = "" if isinstance(exc, DuplicateKeyError) else "; fix the YAML syntax"
+    return f"{where}{problem}{' (' + context + ')' if context else ''}{fix}".replace("\n", " ")
 
 
 def _parse_cli(value: CliValue, where: str) -> Any:
     """A `--set` value as YAML (numbers, lists, null, booleans)."""
     try:
-        return yaml.safe_load(value)
+        return safe_load(value)
     except yaml.YAMLError as exc:
         raise ValueError(f"{where}: cannot parse {str(value)!r}: {_yaml_problem(exc)}") from None
 
@@ -133,6 +165,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf/.nan, or the strings inf/nan float() accepts
+            raise ValueError(f"{where}: {value!r} is not a finite number; give a finite value (e.g. 0.1, 1e-5)")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

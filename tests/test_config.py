@@ -80,6 +80,15 @@ def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     (["nonsense.key=1"], "unknown top-level key(s) nonsense", "valid sections: data, device, distributed"),
     (["tiny.x=1"], "unknown top-level key(s) tiny;", "valid sections:"),
     (["slurm.dpo.gpus=1"], "slurm.dpo", "did you mean slurm.dpo.gpus_per_node instead of slurm.dpo.gpus?"),
+    # non-finite numbers: YAML's .inf/.nan and the strings float() reads, in scalars and nested lists/mappings
+    (["dpo.betas=[0.1,inf]"], "dpo.betas[1]", "inf is not a finite number; give a finite value"),
+    (["dpo.betas=[.nan]"], "dpo.betas[0]", "nan is not a finite number"),
+    (["dpo.learning_rate=NaN"], "dpo.learning_rate", "nan is not a finite number"),
+    (["sft.epochs=.inf"], "sft.epochs", "inf is not a finite number"),
+    (["sft.warmup_ratio=-inf"], "sft.warmup_ratio", "-inf is not a finite number"),
+    (["sweep.methods=[dpo,ipo]", "sweep.strengths={ipo: [0.5, -.inf]}"], "sweep.strengths.ipo[1]",
+     "-inf is not a finite number"),
+    (["eval.fixed_prompts={a: 1, a: 2}"], "eval.fixed_prompts", "key 'a' given twice (first on line 1); keep one"),
 ])
 def test_bad_values_name_the_field(sets, field, fix):
     with pytest.raises(ValueError) as info:
@@ -118,6 +127,23 @@ def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path):
     assert not run_dir.exists()
 
 
+def test_yaml_with_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("dpo:\n  betas: [0.1]\n  learning_rate: 1e-5\n  betas: [0.5]\n")
+    run_dir = tmp_path / "run"
+    proc = launch("run", "--preset", "tiny", "--config", str(dup), "--run-dir", str(run_dir), "--executor", "local",
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: --config {dup}: line 4, column 3: key 'betas' given twice "
+                                   "(first on line 2); keep one of them")
+    assert not run_dir.exists()
+    # the same key in two different sections, and a YAML merge key overriding, are fine
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("sft: &common\n  learning_rate: 1e-5\ndpo:\n  <<: *common\n  learning_rate: 2e-6\n")
+    cfg = resolve_config("tiny", str(ok))
+    assert (cfg.sft.learning_rate, cfg.dpo.learning_rate) == (1e-5, 2e-6)
+
+
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown preset; choose one of dpo-paper, gpt2-large, tiny"):
         resolve_config("gpt2-xxl")
@@ -136,6 +162,8 @@ def test_set_needs_key_and_value():
     (["--set", "tiny.x=1"], "error: unknown top-level key(s) tiny; valid sections:"),
     (["--until", "nosuch"], "--until 'nosuch': unknown stage; choose one of sft, pairs, pairs_merge, dpo, eval"),
     (["--set", "model.name=./no/such/model"], "model.name: ./no/such/model is not an existing directory"),
+    (["--set", "dpo.betas=[0.1,inf]"], "dpo.betas[1]: inf is not a finite number"),
+    (["--set", "sft.learning_rate=nan"], "sft.learning_rate: nan is not a finite number"),
 ])
 def test_cli_refuses_bad_config_and_writes_nothing(tmp_path, args, expected):
     run_dir = tmp_path / "run"

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline.config import EvalConfig
 from pipeline.rundir.layout import atomic_write_jsonl
 from pipeline.evaluation.sampling import _padded_batch, completion_logprobs, sample_completions, sample_resumable, sequence_kl
-from pipeline.reporting.frontier import FRONTIER_COLUMNS, frontier_csv, plot_frontier
+from pipeline.reporting.frontier import FRONTIER_COLUMNS, frontier_csv, plot_frontier, seed_means, seed_means_csv
 from pipeline.evaluation.policies import Policy, evaluate_policy, reward_stderr
 from pipeline.reporting.report import report_markdown
 
@@ -305,3 +305,25 @@ def test_frontier_carries_standard_errors_also_for_results_cached_without_them(t
     assert "noise floor" in report.lower()
     plot_frontier([cached_sft, dpo], tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_noise_floor_and_standard_errors_keep_their_digits():
+    """frontier.csv and frontier_seeds.csv write six significant digits, so the SFT noise floor (~1e-7 in
+    float32) and small standard errors do not read 0.000000; report.md shows such a floor in scientific notation."""
+    sft = {"policy": "sft", "id": "sft", "beta": None, "step": 0, "reward": 0.512345678, "reward_std": 0.1,
+           "reward_stderr": 0.0123456, "kl": 2.5374e-07, "kl_stderr": 1.2189e-07, "kl_tokenwise": 0.0, "n": 4,
+           "examples": []}
+    dpo = {"policy": "dpo", "id": "dpo-b0.1-step5", "beta": 0.1, "step": 5, "reward": 0.8, "reward_std": 0.1,
+           "reward_stderr": 0.05, "kl": 12.3456789, "kl_stderr": 0.000031415, "kl_tokenwise": 1.4, "n": 4,
+           "examples": [], "seed": 0}
+    rows = list(csv.DictReader(io.StringIO(frontier_csv([sft, dpo]))))
+    assert (rows[0]["reward"], rows[0]["reward_stderr"], rows[0]["kl"], rows[0]["kl_stderr"]) == (
+        "0.512346", "0.0123456", "2.5374e-07", "1.2189e-07")
+    assert float(rows[0]["kl"]) == 2.5374e-07  # read back exactly
+    assert (rows[1]["kl"], rows[1]["kl_stderr"]) == ("12.3457", "3.1415e-05")
+    means = list(csv.DictReader(io.StringIO(seed_means_csv(seed_means([sft, dpo])))))
+    assert (means[0]["kl"], means[0]["kl_stderr"]) == ("12.3457", "3.1415e-05")
+
+    report = report_markdown(eval_config(), [sft, dpo])
+    assert "| sft |  | 0 | 0.512 ± 0.012 | 2.5e-07 ± 1.2e-07 | 4 |" in report
+    assert "| dpo | 0.1 | 5 | 0.800 ± 0.050 | 12.35 ± 3.1e-05 | 4 |" in report

@@ -294,7 +294,7 @@ def test_best_of_n_rows_in_the_frontier_and_the_report(tmp_path):
     assert [(r["policy"], r["method"], r["beta"], r["strength"], r["step"], r["kl_analytic"]) for r in rows] == [
         ("sft", "", "", "", "0", ""), ("dpo", "dpo", "0.1", "0.1", "30", ""),
         ("dpo", "preferred_ft", "", "", "30", ""),
-        ("best_of_n", "best_of_n", "", "2", "0", "0.193100"), ("best_of_n", "best_of_n", "", "4", "0", "0.636300")]
+        ("best_of_n", "best_of_n", "", "2", "0", "0.1931"), ("best_of_n", "best_of_n", "", "4", "0", "0.6363")]
     assert float(rows[4]["kl"]) == 0.6 and float(rows[4]["reward"]) == 0.7
     means = seed_means(results)
     assert [(m["method"], m["strength"]) for m in means] == [("dpo", 0.1), ("preferred_ft", None), ("best_of_n", 2),

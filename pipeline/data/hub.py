@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import PipelineConfig
-from pipeline.data.sources import check_local_exists, validate_dataset_source
+from pipeline.data.sources import check_local_dataset, check_local_exists, validate_dataset_source
 from pipeline.rundir.layout import RunLayout, atomic_write_json, read_json
 
 REVISIONS_ENV = "SLURM_DPO_HUB_REVISIONS"
@@ -125,6 +125,7 @@ def prefetch(cfg: PipelineConfig, run_root: str | Path, revisions_path: str | Pa
     from huggingface_hub import HfApi, constants
 
     refs = references(cfg)
+    check_local_dataset(cfg.data)  # a local dataset is opened and checked here, as hub ones are fetched below
     revisions_path = Path(revisions_path) if revisions_path is not None else revisions_file(run_root)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     cache = cache_dir(cfg, run_root)

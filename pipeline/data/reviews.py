@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data.corpus import make_corpus
-from pipeline.data.sources import load_local_files, load_snapshot_split, local_files
+from pipeline.data.sources import load_local_files, load_snapshot_split, split_files
 
 
 def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
@@ -24,10 +24,7 @@ def load_reviews(cfg: DataConfig, split: str, seed: int) -> list[str]:
 
     path = Path(cfg.dataset).expanduser()
     if path.exists():
-        files = local_files(path, "data.dataset")
-        # A single local file or a flat directory has one split; files named after splits are used as such.
-        named = {p.stem.split("-")[0]: p for p in files}
-        dataset = load_local_files([named[split]] if split in named else files)
+        dataset = load_local_files(split_files(path, split))
     else:
         from pipeline.data.hub import resolve
 

@@ -50,6 +50,12 @@ def arm_label(method: str, strength) -> str:
     return f"{spec.label} {spec.symbol}={strength:g}" if spec else f"{method} β={strength:g}"
 
 
+def num(value: float) -> str:
+    """A CSV number with six significant digits: the SFT noise floor (~1e-7) and small standard errors
+    keep their digits (`2.53e-07`, not `0.000000`)."""
+    return f"{value:.6g}"
+
+
 def frontier_csv(results: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -57,10 +63,10 @@ def frontier_csv(results: list[dict]) -> str:
     for r in results:
         beta = "" if r["beta"] is None else r["beta"]
         strength, seed, analytic = strength_of(r), r.get("seed"), r.get("kl_analytic")
-        writer.writerow([r["policy"], beta, r["step"], f"{r['reward']:.6f}", f"{r['kl']:.6f}", r["n"],
-                         f"{reward_stderr(r):.6f}", f"{r['kl_stderr']:.6f}", method_of(r) or "",
+        writer.writerow([r["policy"], beta, r["step"], num(r['reward']), num(r['kl']), r["n"],
+                         num(reward_stderr(r)), num(r['kl_stderr']), method_of(r) or "",
                          "" if strength is None else strength, "" if seed is None else seed,
-                         "" if analytic is None else f"{analytic:.6f}"])
+                         "" if analytic is None else num(analytic)])
     return buffer.getvalue()
 
 
@@ -104,8 +110,8 @@ def seed_means_csv(rows: list[dict]) -> str:
     writer.writerow(SEED_MEAN_COLUMNS)
     for r in rows:
         writer.writerow([r["method"], "" if r["strength"] is None else r["strength"], r["step"], r["seeds"],
-                         f"{r['reward']:.6f}", f"{r['reward_stderr']:.6f}", f"{r['kl']:.6f}", f"{r['kl_stderr']:.6f}",
-                         "" if r.get("kl_analytic") is None else f"{r['kl_analytic']:.6f}"])
+                         num(r['reward']), num(r['reward_stderr']), num(r['kl']), num(r['kl_stderr']),
+                         "" if r.get("kl_analytic") is None else num(r['kl_analytic'])])
     return buffer.getvalue()
 
 

@@ -10,11 +10,22 @@ from pipeline.reporting.frontier import is_best_of_n, method_of, seed_means, sev
 from pipeline.training.methods import DEFAULT_METHOD, METHODS
 
 
+def _fixed_or_tiny(value: float, decimals: int) -> str:
+    """`value` with `decimals` decimals, or in scientific notation when those would show only zeros
+    (the SFT noise floor, ~1e-7: `2.5e-07`, not `0.00`)."""
+    if value != 0 and abs(value) < 0.5 * 10 ** -decimals:
+        return f"{value:.2g}"
+    return f"{value:.{decimals}f}"
+
+
 def kl_cell(r: dict) -> str:
-    """'1.50 ± 0.25'; 'n/a' when not measured; Best-of-N rows: '0.631 ± 0.001 (analytic 0.636)'."""
+    """'1.50 ± 0.25'; 'n/a' when not measured; a tiny KL: '2.5e-07 ± 1.2e-07'; Best-of-N rows:
+    '0.631 ± 0.001 (analytic 0.636)'."""
     if r.get("kl_analytic") is not None:  # 3 decimals: the measured and analytic values differ in the third
         return f"{r['kl']:.3f} ± {r['kl_stderr']:.3f} (analytic {r['kl_analytic']:.3f})"
-    return "n/a" if math.isnan(r["kl"]) else f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}"
+    if math.isnan(r["kl"]):
+        return "n/a"
+    return f"{_fixed_or_tiny(r['kl'], 2)} ± {_fixed_or_tiny(r['kl_stderr'], 2)}"
 
 
 def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: list[tuple[str, str]] = ()) -> str:
