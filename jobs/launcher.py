@@ -90,12 +90,15 @@ def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None
 def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
     """Pin and download every hub model and dataset of the run (on the login node, before any job
     exists); jobs then read them offline. A run directory this call created is removed again if the
-    prefetch fails, so a bad reference leaves nothing behind."""
+    prefetch fails, so a bad reference (or a LoRA target module the model lacks) leaves nothing behind."""
     from pipeline.data import hub
+    from pipeline.models.adapters import check_lora_targets
 
     created = not layout.root.exists()
     try:
-        return hub.prefetch(cfg, layout.root, log=log)
+        fetched = hub.prefetch(cfg, layout.root, log=log)
+        check_lora_targets(cfg, fetched)  # reads the prefetched model's config: LoRA targets it lacks
+        return fetched
     except BaseException:
         if created:
             shutil.rmtree(layout.root, ignore_errors=True)
