@@ -6,7 +6,7 @@ with a message naming the field and the fix. Presets (ML and SLURM settings toge
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import ClassVar
 
 from pipeline.configlib import doc
@@ -106,6 +106,39 @@ class RewardConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA (peft) for a training stage: train low-rank adapters instead of every weight."""
+    enabled: bool = doc("Train a LoRA adapter (peft) instead of every weight: checkpoints hold the adapter and its "
+                        "optimizer state (MB instead of GB).", False)
+    r: int = doc("Rank of the low-rank update.", 16)
+    alpha: float = doc("LoRA scaling numerator: the update is scaled by alpha / r.", 32.0)
+    dropout: float = doc("Dropout on the adapter's input while training, in [0, 1).", 0.0)
+    target_modules: list[str] = doc("Module names to adapt (peft's target_modules: a module whose name is one of "
+                                    "these or ends with '.<name>'), e.g. [c_attn, c_proj] for GPT-2, [q_proj, v_proj] "
+                                    "for Llama-style models; [all-linear] = every linear layer but the output head. "
+                                    "Checked against the model before anything is submitted.",
+                                    factory=lambda: ["all-linear"])
+    _where: InitVar[str] = "lora"
+
+    def __post_init__(self, _where: str = "lora"):
+        _check(self.r >= 1, f"{_where}.r", f"{self.r} must be >= 1, e.g. 16")
+        _check(self.alpha > 0, f"{_where}.alpha", f"{self.alpha} must be > 0, e.g. 2 x r")
+        _check(0 <= self.dropout < 1, f"{_where}.dropout", f"{self.dropout} must be in [0, 1), e.g. 0.05")
+        _check(len(self.target_modules) >= 1 and all(self.target_modules), f"{_where}.target_modules",
+               "must list at least one module name, e.g. [c_attn, c_proj] or [all-linear]")
+        _check("all-linear" not in self.target_modules or len(self.target_modules) == 1, f"{_where}.target_modules",
+               "all-linear already means every linear layer; give it alone or list module names instead")
+        _check(len(set(self.target_modules)) == len(self.target_modules), f"{_where}.target_modules",
+               "contains duplicates")
+
+
+@dataclass
+class DPOLoraConfig(LoraConfig):
+    merge_final: bool = doc("With LoRA: write the adapter merged into the base weights to final/ (a whole model) "
+                            "instead of the adapter alone; the checkpoints hold adapters either way.", False)
+
+
+@dataclass
 class TrainConfig:
     """Fields shared by the SFT and DPO trainers."""
     epochs: float = doc("Training epochs over the stage's data.", 1.0)
@@ -156,6 +189,9 @@ class SFTConfig(TrainConfig, SFTSourceConfig):
                         "without padding; positions restart at each review and attention never crosses reviews. "
                         "Changes the recipe: a step then sees ~max_length tokens of reviews (IMDb at 1,024: ~28 "
                         "reviews) instead of batch_size reviews, and an epoch has fewer steps.", False)
+    lora: LoraConfig = doc("LoRA for SFT; its checkpoints hold adapters, its final/ the adapter merged into the base "
+                           "(a whole model: the pairs and DPO stages start from it and use it as the reference).",
+                           factory=LoraConfig)
 
     def __post_init__(self):
         self._check_train("sft")
@@ -208,6 +244,8 @@ class DPOConfig(TrainConfig):
     max_length: int = doc("Truncation length of prompt + completion, in tokens.", 512)
     precompute_ref_log_probs: bool = doc("Compute reference log-probs once before training instead of "
                                          "keeping a live reference model.", False)
+    lora: DPOLoraConfig = doc("LoRA for the DPO arms (one adapter per arm); the reference is then the SFT model "
+                              "with the adapter disabled (no second copy in memory).", factory=DPOLoraConfig)
 
     def __post_init__(self):
         self._check_train("dpo")
@@ -386,6 +424,15 @@ class PipelineConfig:
             _check(self.num_threads >= 1, "num_threads", "must be >= 1 or null")
         _check(self.name.replace("-", "").replace("_", "").isalnum(), "name",
                f"{self.name!r}: use letters, digits, '-' and '_' only")
+        if self.dpo.lora.enabled:
+            online = [m for m in self.sweep.methods if METHODS[m].trainer == "online"]
+            _check(not online, "dpo.lora.enabled", f"LoRA is not wired into the online method(s) {online}; drop "
+                                                   "them from sweep.methods or set dpo.lora.enabled=false")
+            _check(not (self.dpo.lora.merge_final and self.distributed.zero_stage == 3), "dpo.lora.merge_final",
+                   "merging needs the whole weights on one process, which ZeRO-3 shards; use distributed.zero_stage=2 "
+                   "or keep the adapter (merge_final=false)")
+        _check(not (self.sft.lora.enabled and self.distributed.zero_stage == 3), "sft.lora.enabled",
+               "SFT's final/ is the adapter merged into the base, which ZeRO-3 shards; use distributed.zero_stage=2")
         if self.model.name == "tiny":  # its context length is known before anything runs
             self._check_tiny_context()
         for method in self.sweep.methods:

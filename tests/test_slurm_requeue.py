@@ -90,6 +90,25 @@ def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_ru
     assert 0 < cost["requeued_cpu_hours"] < cost["cpu_hours"]
 
 
+def test_lora_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
+    from test_lora import LORA, adapter_difference
+
+    epochs = 8  # 8 x 75 = 600 steps
+    changes = {"dpo": {"betas": [0.1], "epochs": float(epochs), "lora": LORA}, "slurm": {"dpo": SHORT_LIMIT}}
+    run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
+    reference = clone_before_dpo(tiny_run, tmp_path / "reference", **changes)
+    launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "dpo")
+    uninterrupted = start_stage_job(reference, "dpo", "0.1")
+    stage_dir = run_dir / "dpo" / "beta-0.1"
+    outlast_the_limit(run_dir, "dpo", "dpo/beta-0.1/checkpoints/checkpoint-*/COMPLETE.json")  # training
+    manifest = assert_requeued_and_finished(run_dir, stage_dir, "dpo", "timeout")
+    assert manifest["metrics"]["global_step"] == epochs * 75
+    assert not list(stage_dir.rglob("model*.safetensors"))  # adapters only, checkpoints and final alike
+    out, _ = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, out
+    assert adapter_difference(stage_dir / "final", reference / "dpo" / "beta-0.1" / "final") <= 1e-6
+
+
 def test_sft_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
     changes = {"sft": {"epochs": 8.0}, "slurm": {"sft": SHORT_LIMIT}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", stages=("data",), **changes)

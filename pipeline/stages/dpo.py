@@ -2,7 +2,8 @@
 strength (TRL's beta; none for Preferred-FT) and a seed; the sweep is one independent call per trained
 arm (Best-of-N arms are not trained: the eval stage samples them from the SFT model).
 
-Policy and reference both start from the SFT model (as in the seed report).
+Policy and reference both start from the SFT model (as in the seed report); with dpo.lora the policy
+is the SFT model plus one LoRA adapter per arm, and the reference the same model with it disabled.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
     def build(setup: TrainingSetup) -> BuiltTrainer:
         from datasets import Dataset
 
+        from pipeline.models.adapters import peft_config
         from pipeline.training.batching import dpo_trainer_class
         from pipeline.models.policy import MASTER_WEIGHTS, load_model, load_tokenizer
 
@@ -77,14 +79,16 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
         tokenizer = load_tokenizer(layout.sft_model)
         model = load_model(layout.sft_model, setup.device, setup.dtype, train=True)
         # The live reference has the policy's weights dtype and runs under the same autocast, so the
-        # log-ratios start at exactly 0.
-        ref_model = (None if cfg.dpo.precompute_ref_log_probs
+        # log-ratios start at exactly 0. With LoRA, TRL wraps the model and the reference is that model
+        # with the adapter disabled (the SFT weights): no second copy.
+        lora = peft_config(cfg.dpo.lora)
+        ref_model = (None if cfg.dpo.precompute_ref_log_probs or lora is not None
                      else load_model(layout.sft_model, setup.device, MASTER_WEIGHTS))
         args = trl_config(cfg, arm, setup.trainer_kwargs)
         trainer = dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=pairs,
-                                      processing_class=tokenizer, callbacks=setup.callbacks)
+                                      processing_class=tokenizer, callbacks=setup.callbacks, peft_config=lora)
         return BuiltTrainer(trainer, tokenizer, {"sft_model": str(layout.sft_model), "pairs": str(layout.pairs_file),
-                                                 "num_pairs": len(pairs)})
+                                                 "num_pairs": len(pairs), "lora": cfg.dpo.lora.enabled})
 
     def build_online(setup: TrainingSetup) -> BuiltTrainer:
         from datasets import Dataset
@@ -109,6 +113,7 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
     online = method.trainer == "online"
     return run_training_stage(cfg, layout, directory="dpo", task=arm, train=cfg.dpo, wandb_key=f"dpo-{arm.tag}",
                               build=build_online if online else build, keep_weights=partial(is_eval_checkpoint, save_steps=cfg.dpo.save_steps),
+                              merge_adapter=cfg.dpo.lora.enabled and cfg.dpo.lora.merge_final,
                               metric_prefixes=("loss", "rewards/", "logps/", "logits/", "train_runtime", "train_loss",
                                                *(("reward", "kl", "completions/mean_length") if online else ())),
                               extra={"beta": arm.beta, "method": arm.method, "loss_type": method.loss_type,

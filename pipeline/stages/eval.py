@@ -36,8 +36,8 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
     if stage.is_done(layout, task):
         return read_json(stage.done_path(layout, task))
     started = time.time()
-    from pipeline.models.policy import (load_model, load_tokenizer, load_weights_into, resolve_device, resolve_dtype,
-                                 setup_process)
+    from pipeline.models.adapters import load_policy, load_policy_weights_into
+    from pipeline.models.policy import load_model, load_tokenizer, resolve_device, resolve_dtype, setup_process
     from pipeline.models.reward import make_reward
 
     setup_process(cfg)
@@ -72,10 +72,10 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
                 else:
                     if policy.kind == "sft":
                         model = use["ref_model"]
-                    elif policy_model is None:
-                        model = policy_model = load_model(policy.path, device, dtype)
+                    elif policy_model is None:  # a LoRA checkpoint: the SFT model + its adapter, merged
+                        model = policy_model = load_policy(policy.path, layout.sft_model, device, dtype)
                     else:
-                        load_weights_into(policy_model, policy.path)
+                        load_policy_weights_into(policy_model, policy.path, layout.sft_model)
                         model = policy_model
                     result = evaluate_policy(cfg, policy, model, use["ref_model"], *common)
                 atomic_write_json(out, result)

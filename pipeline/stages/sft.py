@@ -97,6 +97,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         from datasets import Dataset
         from trl import SFTConfig
 
+        from pipeline.models.adapters import peft_config
         from pipeline.training.batching import sft_trainer_class
         from pipeline.models.policy import load_model, load_tokenizer
 
@@ -108,11 +109,12 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         args = SFTConfig(**setup.trainer_kwargs, dataset_text_field="text", packing=cfg.sft.packing,
                          packing_strategy="bfd")
         trainer = sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                                      processing_class=tokenizer, callbacks=setup.callbacks)
+                                      processing_class=tokenizer, callbacks=setup.callbacks,
+                                      peft_config=peft_config(cfg.sft.lora))
         dataset = cfg.pairs.dataset if cfg.pairs.source == "dataset" else cfg.data.dataset
         return BuiltTrainer(trainer, tokenizer, {"model": base_model_path(cfg, layout), "dataset": dataset,
-                                                 "train_examples": len(texts)})
+                                                 "train_examples": len(texts), "lora": cfg.sft.lora.enabled})
 
     return run_training_stage(cfg, layout, directory="sft", task=None, train=cfg.sft, wandb_key="sft", build=build,
-                              prepare=lambda: prepare(cfg, layout),
+                              prepare=lambda: prepare(cfg, layout), merge_adapter=cfg.sft.lora.enabled,
                               metric_prefixes=("loss", "train_loss", "train_runtime", "mean_token_accuracy"))

@@ -264,13 +264,20 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainConfig, output_dir: Path, de
     )
 
 
-def save_final(trainer, tokenizer, final_dir: Path) -> None:
-    """Final weights + tokenizer, written to a temp directory and renamed into place."""
+def save_final(trainer, tokenizer, final_dir: Path, merge_adapter: bool = False) -> None:
+    """Final weights + tokenizer, written to a temp directory and renamed into place. A LoRA model saves
+    its adapter, or with `merge_adapter` the adapter merged into the base (a whole model)."""
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if trainer.is_world_process_zero():
         shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
-    trainer.save_model(str(tmp))  # collective under ZeRO-3 (weights gathered to rank 0)
+    if merge_adapter:  # config.py refuses it under ZeRO-3: every rank holds the whole weights
+        if trainer.is_world_process_zero():
+            from pipeline.models.adapters import save_merged
+
+            save_merged(trainer, tmp)
+    else:
+        trainer.save_model(str(tmp))  # collective under ZeRO-3 (weights gathered to rank 0)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
         atomic_replace_dir(tmp, final_dir)
@@ -312,11 +319,13 @@ class BuiltTrainer:
 def run_training_stage(cfg: PipelineConfig, layout: RunLayout, *, directory: str, task, train: TrainConfig,
                        wandb_key: str, build: Callable[[TrainingSetup], BuiltTrainer],
                        metric_prefixes: tuple[str, ...], keep_weights: Callable[[int], bool] | None = None,
-                       prepare: Callable[[], None] | None = None, extra: dict | None = None) -> dict:
+                       prepare: Callable[[], None] | None = None, extra: dict | None = None,
+                       merge_adapter: bool = False) -> dict:
     """Resume, progress, trainer, final save and manifest: what SFT and DPO share.
 
     The stage gives its own part as `build` (data, models, its TRL trainer), `prepare` (run once
-    on the main process before training) and what its manifest records. Idempotent: a finished
+    on the main process before training) and what its manifest records; `merge_adapter`: a LoRA stage's
+    final/ is the adapter merged into the base instead of the adapter. Idempotent: a finished
     stage returns its manifest.
     """
     done = layout.done_path(directory, task)
@@ -348,7 +357,7 @@ def run_training_stage(cfg: PipelineConfig, layout: RunLayout, *, directory: str
     trainer = built.trainer
     trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
     finish_or_raise(trainer, progress)
-    save_final(trainer, built.tokenizer, layout.final_model(directory, task))
+    save_final(trainer, built.tokenizer, layout.final_model(directory, task), merge_adapter)
     metrics = train_metrics(trainer, metric_prefixes)
     progress.update(force=True, status="done", step=trainer.state.global_step)
     distributed.barrier()
