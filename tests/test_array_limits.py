@@ -9,7 +9,7 @@ import pytest
 from jobs import arrays, records
 from jobs.config import resolve_config
 from jobs.launcher import plan_slurm, render_plan
-from pipeline.layout import RunLayout
+from pipeline.rundir.layout import RunLayout
 from slurm import queue, submit
 
 SIX = "dpo.betas=[0.05,0.1,0.2,0.5,1.0,2.0]"
