@@ -130,7 +130,8 @@ class StageJob:
     def _start_cost_record(self) -> Path | None:
         """Rank 0 records this attempt's allocation and start (pipeline.rundir.attempts: what the run cost)."""
         job = environment.current_job()
-        if job.global_rank != 0:
+        layout = RunLayout(self.run_dir)
+        if job.global_rank != 0 or not layout.config.is_file():  # no run (yet): the stage itself says what is wrong
             return None
         if job.in_slurm:
             where = {"job_id": job.job_id, "restart": job.restart_count, "executor": "slurm",
@@ -141,7 +142,7 @@ class StageJob:
             gpus = int(load_run_config(self.run_dir).device != "cpu" and submit.count_gpus() > 0)
             where = {"job_id": os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid())), "restart": 0,
                      "executor": "local", "nodes": 1, "gpus": gpus, "cpus": len(os.sched_getaffinity(0))}
-        path = attempts.attempts_path(RunLayout(self.run_dir), self.stage, task_key(self.task))
+        path = attempts.attempts_path(layout, self.stage, task_key(self.task))
         attempts.start_attempt(path, **where)
         return path
 

@@ -177,12 +177,12 @@ def show_status(run_dir: str, watch: bool = False, as_json: bool = False, interv
             print(f"{RunLayout(run_dir).root}   {time.strftime('%H:%M:%S')}")
             shown = rows if show_all or task is not None else summarise_rows(rows)
             print(format_table(shown))
-            if fold_note(shown):
-                print(fold_note(shown))
             for summary in dict.fromkeys(r["summary"] for r in rows if r["summary"]):  # stages sharing a DONE.json
                 print(summary)
             for line in cost_lines(rows):
                 print(line)
+            if fold_note(shown):
+                print(fold_note(shown))
             for warning in (w for r in rows for w in r["warnings"]):
                 print(f"warning: {warning}")
         if not watch or finished(rows):
