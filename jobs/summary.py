@@ -13,6 +13,7 @@ from collections import Counter
 from pipeline.registry import Arm, Task, get_stage, task_key
 
 LIST_AT_MOST = 8  # a stage with more tasks than this is summarised
+NAME_IDS_AT_MOST = 32  # `cancel` names each id up to this many (a tiny sweep: 12), else the parents
 
 
 def _values(values: list) -> str:
@@ -122,7 +123,7 @@ def summarise_rows(rows: list[dict]) -> list[dict]:
 
 def job_ids_line(job_ids: list[str]) -> str:
     """The ids `cancel` names: all of them when few, else the jobs and arrays they belong to."""
-    if len(job_ids) <= LIST_AT_MOST:
+    if len(job_ids) <= NAME_IDS_AT_MOST:
         return " ".join(job_ids)
     parents = list(dict.fromkeys(job_id.split("_")[0] for job_id in job_ids))
     return f"jobs and arrays {' '.join(parents)}"

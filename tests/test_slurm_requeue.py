@@ -61,7 +61,7 @@ def assert_requeued_and_finished(run_dir: Path, stage_dir: Path, stage: str, cau
 
 
 def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
-    epochs = 8  # 8 x 75 = 600 steps
+    epochs = 2  # 150 steps: held from the first checkpoint (25) until the warning, then resumed across an epoch
     changes = {"dpo": {"betas": [0.1], "epochs": float(epochs)}, "slurm": {"dpo": SHORT_LIMIT}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", wandb={"enabled": True, "mode": "offline"}, **changes)
     reference = clone_before_dpo(tiny_run, tmp_path / "reference", **changes)
@@ -93,7 +93,7 @@ def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_ru
 def test_lora_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
     from test_lora import LORA, adapter_difference
 
-    epochs = 8  # 8 x 75 = 600 steps
+    epochs = 2  # 150 steps, as the full fine-tune above
     changes = {"dpo": {"betas": [0.1], "epochs": float(epochs), "lora": LORA}, "slurm": {"dpo": SHORT_LIMIT}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", **changes)
     reference = clone_before_dpo(tiny_run, tmp_path / "reference", **changes)
@@ -110,7 +110,7 @@ def test_lora_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(ti
 
 
 def test_sft_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
-    changes = {"sft": {"epochs": 8.0}, "slurm": {"sft": SHORT_LIMIT}}
+    changes = {"sft": {"epochs": 2.0}, "slurm": {"sft": SHORT_LIMIT}}
     run_dir = clone_before_dpo(tiny_run, tmp_path / "slurm", stages=("data",), **changes)
     reference = clone_before_dpo(tiny_run, tmp_path / "reference", stages=("data",), **changes)
     launch("run", "--run-dir", str(run_dir), "--executor", "slurm", "--until", "sft")
