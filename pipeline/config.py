@@ -6,9 +6,11 @@ with a message naming the field and the fix. Presets (ML and SLURM settings toge
 """
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
+from pipeline.adapter_config import DPOLoraConfig, LoraConfig  # noqa: F401
+from pipeline.configlib import check as _check
 from pipeline.configlib import doc
 from pipeline.source_config import PAIR_ROLES, PAIR_SOURCES, PreferenceSourceConfig, SFTSourceConfig  # noqa: F401
 from pipeline.training.methods import METHODS
@@ -27,11 +29,6 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adafactor", "sgd", "adagrad",
 # sweep's methods (`pipeline.training.methods`) each use one of them.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-
-def _check(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{field}: {message}")
 
 
 @dataclass
@@ -103,39 +100,6 @@ class RewardConfig:
         _check(bool(self.positive_label), "reward.positive_label", "must name a label of the classifier, e.g. POSITIVE")
         _check(self.batch_size >= 1, "reward.batch_size", "must be >= 1")
         _check(self.max_length >= 8, "reward.max_length", "must be >= 8")
-
-
-@dataclass
-class LoraConfig:
-    """LoRA (peft) for a training stage: train low-rank adapters instead of every weight."""
-    enabled: bool = doc("Train a LoRA adapter (peft) instead of every weight: checkpoints hold the adapter and its "
-                        "optimizer state (MB instead of GB).", False)
-    r: int = doc("Rank of the low-rank update.", 16)
-    alpha: float = doc("LoRA scaling numerator: the update is scaled by alpha / r.", 32.0)
-    dropout: float = doc("Dropout on the adapter's input while training, in [0, 1).", 0.0)
-    target_modules: list[str] = doc("Module names to adapt (peft's target_modules: a module whose name is one of "
-                                    "these or ends with '.<name>'), e.g. [c_attn, c_proj] for GPT-2, [q_proj, v_proj] "
-                                    "for Llama-style models; [all-linear] = every linear layer but the output head. "
-                                    "Checked against the model before anything is submitted.",
-                                    factory=lambda: ["all-linear"])
-    _where: InitVar[str] = "lora"
-
-    def __post_init__(self, _where: str = "lora"):
-        _check(self.r >= 1, f"{_where}.r", f"{self.r} must be >= 1, e.g. 16")
-        _check(self.alpha > 0, f"{_where}.alpha", f"{self.alpha} must be > 0, e.g. 2 x r")
-        _check(0 <= self.dropout < 1, f"{_where}.dropout", f"{self.dropout} must be in [0, 1), e.g. 0.05")
-        _check(len(self.target_modules) >= 1 and all(self.target_modules), f"{_where}.target_modules",
-               "must list at least one module name, e.g. [c_attn, c_proj] or [all-linear]")
-        _check("all-linear" not in self.target_modules or len(self.target_modules) == 1, f"{_where}.target_modules",
-               "all-linear already means every linear layer; give it alone or list module names instead")
-        _check(len(set(self.target_modules)) == len(self.target_modules), f"{_where}.target_modules",
-               "contains duplicates")
-
-
-@dataclass
-class DPOLoraConfig(LoraConfig):
-    merge_final: bool = doc("With LoRA: write the adapter merged into the base weights to final/ (a whole model) "
-                            "instead of the adapter alone; the checkpoints hold adapters either way.", False)
 
 
 @dataclass

@@ -19,6 +19,12 @@ from typing import Any
 import yaml
 
 
+def check(condition: bool, field: str, message: str) -> None:
+    """A config value check: `field: message` as a ValueError (the message says the fix)."""
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
 class CliValue(str):
     """A `--set` value kept as the raw string until the target field's type is known.
 

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.configlib import check as _check
 from pipeline.configlib import doc
-
-
-def _check(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{field}: {message}")
 
 
 @dataclass
