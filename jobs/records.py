@@ -76,6 +76,15 @@ def latest(layout: RunLayout) -> dict[tuple[str, str], tuple[Submission, str]]:
     return found
 
 
+def all_job_ids(layout: RunLayout) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(stage, task) -> [(executor, task job id), ...] of every submission of each task, oldest first."""
+    found: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for submission in load(layout):
+        for task, job_id in submission.tasks.items() if submission.recorded else ():
+            found.setdefault((submission.stage, task), []).append((submission.executor, job_id))
+    return found
+
+
 def attempts(layout: RunLayout) -> dict[tuple[str, str], int]:
     """How many times each (stage, task) was submitted (resubmissions after failures count)."""
     counts: dict[tuple[str, str], int] = {}

@@ -63,7 +63,10 @@ def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[di
     cfg = load_run_config(layout.root)
     latest = records.latest(layout)
     submissions = records.attempts(layout)
-    slurm_ids = [job_id for sub, job_id in latest.values() if sub.executor == "slurm"]
+    every_job = records.all_job_ids(layout)
+    # the latest job of each task for its state; the earlier ones too, for what they cost (one sacct call)
+    slurm_ids = list(dict.fromkeys(job_id for jobs in every_job.values() for executor, job_id in jobs
+                                   if executor == "slurm"))
     try:
         states = queue.query_jobs(slurm_ids) if slurm_ids else {}
         unreachable = False
@@ -107,11 +110,29 @@ def collect_rows(run_dir: str | Path, notes: list[str] | None = None) -> list[di
                 "eta_s": _eta_s(progress, state),
                 "submissions": submissions.get(key, 0),
                 "stop_save_s": progress.get("stop_save_s"),
-                "cost": costs[(stage.name, task.key if task is not None else None)].as_dict(),
+                "cost": _cost(every_job.get(key, []), states, costs[(stage.name, task.key if task is not None else None)]),
                 "warnings": save_time_warnings(stage, task, progress, getattr(cfg.slurm, stage.resources)),
                 "summary": _summary(layout, stage, task, done),
             })
     return rows
+
+
+SACCT, RUN_DIRECTORY = "sacct", "run directory"
+
+
+def _cost(jobs: list[tuple[str, str]], states: dict[str, queue.JobRecord], recorded: Cost) -> dict:
+    """A task's cost as the accounting database has it (every run of every job that ran the task: killed ones
+    too, which the jobs' own records cannot time) when it knows all of them, else the jobs' own records."""
+    usages = [states[job_id].usage if executor == "slurm" and job_id in states else None for executor, job_id in jobs]
+    if not usages or None in usages:
+        return {**recorded.as_dict(), "source": RUN_DIRECTORY}
+    cost = Cost()
+    for index, usage in enumerate(usages):
+        relaunched = index < len(usages) - 1  # a later job ran the task again: all of this one's time was lost
+        cost += Cost(usage.gpu_s / 3600, usage.cpu_s / 3600,
+                     (usage.gpu_s if relaunched else usage.requeued_gpu_s) / 3600,
+                     (usage.cpu_s if relaunched else usage.requeued_cpu_s) / 3600, attempts=usage.runs)
+    return {**cost.as_dict(), "source": SACCT}
 
 
 def _summary(layout: RunLayout, stage: Stage, task: Task, done: bool) -> str | None:
@@ -150,9 +171,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def cost_lines(rows: list[dict]) -> list[str]:
-    """GPU/CPU-hours per stage and in total, with the share requeued attempts took (pipeline.reporting.cost)."""
-    return run_cost.summary_lines([{"stage": r["stage"], "task": r["task"], "lost_steps": r["lost_steps"],
-                                    "cost": Cost.from_dict(r["cost"])} for r in rows])
+    """GPU/CPU-hours per stage and in total, with the share requeued attempts took (pipeline.reporting.cost),
+    and where the figures come from."""
+    lines = run_cost.summary_lines([{"stage": r["stage"], "task": r["task"], "lost_steps": r["lost_steps"],
+                                     "cost": Cost.from_dict(r["cost"])} for r in rows])
+    from_run_dir = sum(r["cost"]["source"] == RUN_DIRECTORY and r["cost"]["attempts"] > 0 for r in rows)
+    measured = sum(r["cost"]["attempts"] > 0 for r in rows)
+    if measured:
+        lines[-1] += (" (from sacct)" if not from_run_dir else " (from the jobs' attempt records)" if
+                      from_run_dir == measured else f" (from sacct; {from_run_dir} task(s) from the jobs' attempt records)")
+    return lines
 
 
 def finished(rows: list[dict]) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 ACTIVE_STATES = frozenset({
@@ -26,7 +26,7 @@ FAILED_STATES = frozenset({
     "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
 })
 
-SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "Start", "End", "ExitCode", "Submit")
+SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "Start", "End", "ExitCode", "Submit", "AllocTRES")
 SQUEUE_FORMAT = "%i|%T|%N|%M|%S|%e"
 COMMAND_TIMEOUT_S = 60
 
@@ -36,6 +36,39 @@ _NO_VALUE = {"", "unknown", "none", "none assigned", "n/a", "(null)", "invalid"}
 _BENIGN_SCANCEL = ("already completing or completed", "invalid job id specified")
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the accounting database says a job id used over all its runs (the first and every requeue):
+    allocated GPUs x elapsed, or CPUs x elapsed for a run without GPUs (as pipeline.rundir.attempts counts).
+    `requeued_*` is the part spent in runs that were requeued (every run but the newest)."""
+    gpu_s: float = 0.0
+    cpu_s: float = 0.0
+    requeued_gpu_s: float = 0.0
+    requeued_cpu_s: float = 0.0
+    runs: int = 0
+
+
+def _allocated(tres: str) -> tuple[int, int]:
+    """(GPUs, CPUs) from sacct's AllocTRES, e.g. 'billing=8,cpu=8,gres/gpu=4,mem=64G,node=1' -> (4, 8)."""
+    values = dict(item.partition("=")[::2] for item in tres.split(",") if "=" in item)
+    gpus, cpus = values.get("gres/gpu", ""), values.get("cpu", "")
+    return int(gpus) if gpus.isdigit() else 0, int(cpus) if cpus.isdigit() else 0
+
+
+def _usage(runs: list[tuple[int, str, bool]]) -> Usage:
+    """The Usage of one id's runs, oldest first, each as (elapsed seconds, AllocTRES, started); a run that never
+    started (pending) costs nothing and is not counted."""
+    gpu = cpu = requeued_gpu = requeued_cpu = 0.0
+    runs = [(elapsed, tres) for elapsed, tres, started in runs if started]
+    for index, (elapsed, tres) in enumerate(runs):
+        gpus, cpus = _allocated(tres)
+        spent_gpu, spent_cpu = (gpus * elapsed, 0.0) if gpus else (0.0, cpus * elapsed)
+        gpu, cpu = gpu + spent_gpu, cpu + spent_cpu
+        if index < len(runs) - 1:
+            requeued_gpu, requeued_cpu = requeued_gpu + spent_gpu, requeued_cpu + spent_cpu
+    return Usage(gpu, cpu, requeued_gpu, requeued_cpu, len(runs))
 
 
 @dataclass
@@ -48,6 +81,7 @@ class JobRecord:
     end: str | None          # None while not finished
     exit_code: str | None    # "0:0" (code:signal); None when unknown (e.g. from squeue)
     restarts: int = 0        # earlier runs of the same id (requeues) that sacct -D listed
+    usage: Usage | None = field(default=None, compare=False)  # from sacct only (squeue knows no allocations)
 
 
 def normalise_state(raw: str) -> str:
@@ -114,12 +148,12 @@ def squeue_command(job_ids: list[str]) -> list[str]:
 
 
 def parse_sacct(text: str) -> dict[str, JobRecord]:
-    """Parse `sacct -X -D -n -P -o JobID,State,NodeList,ElapsedRaw,Start,End,ExitCode,Submit` output.
+    """Parse `sacct -X -D -n -P -o JobID,State,NodeList,ElapsedRaw,Start,End,ExitCode,Submit,AllocTRES` output.
 
     Pending array ranges expand into one record per task; of several records for one id (a
-    requeued job), the latest submitted wins and `restarts` counts the others.
+    requeued job), the latest submitted wins, `restarts` counts the others and `usage` adds them all up.
     """
-    seen: dict[str, list[tuple[str, int, JobRecord]]] = {}
+    seen: dict[str, list[tuple[str, int, JobRecord, str]]] = {}
     from_range: set[tuple[str, int]] = set()  # (task id, line) of records expanded from `123_[0-2]`
     for lineno, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -128,7 +162,7 @@ def parse_sacct(text: str) -> dict[str, JobRecord]:
         if len(cols) != len(SACCT_FIELDS):
             raise RuntimeError(f"unexpected sacct output line (expected {len(SACCT_FIELDS)} '|'-separated fields "
                                f"{','.join(SACCT_FIELDS)}): {line!r}")
-        job_id, state, node, elapsed, start, end, exit_code, submit = (c.strip() for c in cols)
+        job_id, state, node, elapsed, start, end, exit_code, submit, tres = (c.strip() for c in cols)
         if not job_id or "." in job_id:  # steps never show with -X; be safe anyway
             continue
         task_ids = _expand_job_id(job_id)
@@ -138,7 +172,7 @@ def parse_sacct(text: str) -> dict[str, JobRecord]:
             record = JobRecord(job_id=task_id, state=normalise_state(state), node=_value(node),
                                elapsed_s=int(elapsed) if elapsed.isdigit() else None, start=_value(start),
                                end=_value(end), exit_code=_value(exit_code))
-            seen.setdefault(task_id, []).append((_value(submit) or "", lineno, record))
+            seen.setdefault(task_id, []).append((_value(submit) or "", lineno, record, tres))
     records = {}
     for task_id, runs in seen.items():
         concrete = [run for run in runs if (task_id, run[1]) not in from_range]
@@ -147,6 +181,7 @@ def parse_sacct(text: str) -> dict[str, JobRecord]:
         runs.sort(key=lambda run: (run[0], run[1]))  # ISO times sort as text; then output order
         latest = runs[-1][2]
         latest.restarts = len(runs) - 1
+        latest.usage = _usage([(run[2].elapsed_s or 0, run[3], run[2].start is not None) for run in runs])
         records[task_id] = latest
     return records
 

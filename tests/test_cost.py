@@ -71,3 +71,38 @@ def test_status_and_report_sum_per_stage_and_in_total():
     table = cost_markdown(rows)
     assert "| dpo | 0.1 | 2 | 2 | 0 | 1 GPU-h (50%) | 0 |" in table and "| dpo | all | 3 | 3 | 0 | 1 GPU-h (33%) | 3 |" in table
     assert "| **total** |  | 4 | 3 | 2 | 1 GPU-h (33%) + 0 CPU-h (0%) | 3 |" in table and "| sft |" not in table
+
+
+def test_sacct_usage_counts_every_run_with_its_allocation():
+    from slurm.queue import parse_sacct
+
+    gpus = "billing=32,cpu=32,gres/gpu=4,gres/gpu:h100=4,mem=200G,node=1"
+    out = "\n".join([
+        f"7|REQUEUED|n1|3600|2024-05-01T10:00:00|2024-05-01T11:00:00|0:0|2024-05-01T09:00:00|{gpus}",
+        f"7|RUNNING|n2|1800|2024-05-01T11:10:00|Unknown|0:0|2024-05-01T11:00:00|{gpus}",
+        "8_[0-1]|PENDING|None assigned|0|Unknown|Unknown|0:0|2024-05-01T09:00:00|billing=2,cpu=2,node=1",
+        "9|COMPLETED|n1|900|2024-05-01T10:00:00|2024-05-01T10:15:00|0:0|2024-05-01T09:00:00|billing=2,cpu=2,node=1",
+    ])
+    records = parse_sacct(out)
+    usage = records["7"].usage  # a GPU job: its CPUs come with its GPUs
+    assert (usage.gpu_s, usage.cpu_s, usage.requeued_gpu_s, usage.runs) == (4 * 5400, 0, 4 * 3600, 2)
+    assert records["8_1"].usage.runs == 0 and records["8_1"].usage.cpu_s == 0  # never started: no attempt
+    assert (records["9"].usage.cpu_s, records["9"].usage.requeued_cpu_s, records["9"].usage.runs) == (1800, 0, 1)
+
+
+def test_status_takes_the_cost_from_sacct_when_it_knows_every_job_of_the_task():
+    from jobs.status import _cost
+    from slurm.queue import JobRecord, Usage
+
+    recorded = Cost(cpu_hours=0.5, attempts=1, unmeasured=1)  # the jobs' own records: one attempt killed outright
+    first = JobRecord("5", "FAILED", "n1", 1800, None, None, "0:9", usage=Usage(cpu_s=2 * 1800, runs=1))
+    second = JobRecord("6_0", "COMPLETED", "n1", 900, None, None, "0:0",
+                       usage=Usage(cpu_s=2 * 1800, requeued_cpu_s=2 * 900, runs=2))
+    cost = _cost([("slurm", "5"), ("slurm", "6_0")], {"5": first, "6_0": second}, recorded)
+    # the relaunched-over job is lost time in full; the killed run is measured by the accounting database
+    assert cost == {"gpu_hours": 0, "cpu_hours": 2.0, "requeued_gpu_hours": 0, "requeued_cpu_hours": 1.5,
+                    "attempts": 3, "unmeasured_attempts": 0, "source": "sacct"}
+    squeue_only = JobRecord("6_0", "RUNNING", "n1", 900, None, None, None)  # no usage: sacct did not answer
+    assert _cost([("slurm", "5"), ("slurm", "6_0")], {"5": first, "6_0": squeue_only}, recorded) == {
+        **recorded.as_dict(), "source": "run directory"}
+    assert _cost([("local", "4242")], {}, recorded)["source"] == "run directory"

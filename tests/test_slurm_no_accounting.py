@@ -101,6 +101,10 @@ def test_the_pipeline_completes_and_status_shows_every_stage(finished_run):
     assert all(r["step"] == r["total_steps"] and r["total_steps"] > 0 for r in dpo), dpo
     table = launch("status", "--run-dir", str(run_dir), timeout=180).stdout
     assert len(re.findall(r"\bCOMPLETED\b", table)) == len(expected), table
+    # what it cost: no accounting database to ask, so from the attempt records the jobs wrote themselves
+    assert all(r["cost"]["source"] == "run directory" and r["cost"]["attempts"] == 1 for r in rows), rows
+    assert re.search(r"^cost total: .* CPU-h .*; 12 attempt\(s\), 0 step\(s\) lost \(from the jobs' attempt records\)$",
+                     table, re.M), table
 
 
 def test_a_relaunch_of_the_finished_run_submits_nothing(finished_run):

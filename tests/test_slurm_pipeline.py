@@ -380,6 +380,11 @@ def test_final_status_is_all_completed(slurm_run):
     for row in dpo + [r for r in rows if r["stage"] == "sft"]:
         assert row["total_steps"] and row["step"] == row["total_steps"], row
         assert row["last_checkpoint"], row
+    # what it cost, from the accounting database: one run of one CPU per task, its elapsed time
+    for row in rows:
+        cost = row["cost"]
+        assert cost["source"] == "sacct" and cost["attempts"] == 1 and cost["requeued_cpu_hours"] == 0, row
+        assert cost["cpu_hours"] == round(row["elapsed_s"] / 3600, 6), row
 
 
 def test_relaunch_of_a_finished_run_submits_nothing(slurm_run):

@@ -31,20 +31,21 @@ class FakeRunner:
 
 T0, T1, T2, T3 = "2024-05-01T10:00:00", "2024-05-01T11:00:00", "2024-05-01T12:00:00", "2024-05-01T13:00:00"
 SUB0, SUB1 = "2024-05-01T09:59:00", "2024-05-01T11:05:00"
+CPU1 = "billing=1,cpu=1,mem=1000M,node=1"  # AllocTRES of a one-CPU job, as sacct 22.05 prints it
 
-# JobID|State|NodeList|ElapsedRaw|Start|End|ExitCode|Submit
+# JobID|State|NodeList|ElapsedRaw|Start|End|ExitCode|Submit|AllocTRES
 SACCT = "\n".join([
-    f"100|COMPLETED|node01|3600|{T0}|{T1}|0:0|{SUB0}",                          # plain job, done
-    f"101_0|COMPLETED|node01|60|{T0}|{T0}|0:0|{SUB0}",                          # array tasks
-    f"101_1|FAILED|node02|61|{T0}|{T0}|1:0|{SUB0}",
-    f"101_2|RUNNING|node02|30|{T1}|Unknown|0:0|{SUB0}",
-    f"101_[3-5%2]|PENDING|None assigned|0|Unknown|Unknown|0:0|{SUB0}",          # pending remainder, throttled
-    f"102|REQUEUED|node01|7080|{T0}|{T2}|0:0|{SUB0}",                           # requeued twice, now running
-    f"102|PREEMPTED|node03|100|{T2}|{T2}|0:15|2024-05-01T12:00:00",
-    f"102|RUNNING|node01|40|{T3}|Unknown|0:0|{SUB1.replace('11:05', '12:01')}",
-    f"103|CANCELLED by 0|None assigned|0|None|{T1}|0:0|{SUB0}",                # cancelled while pending
-    f"104_[0-2]|PENDING|None assigned|0|Unknown|Unknown|0:0|{SUB0}",            # whole array pending
-    f"105|OUT_OF_MEMORY|node04|12|{T0}|{T0}|0:125|{SUB0}",
+    f"100|COMPLETED|node01|3600|{T0}|{T1}|0:0|{SUB0}|{CPU1}",  # plain job, done
+    f"101_0|COMPLETED|node01|60|{T0}|{T0}|0:0|{SUB0}|{CPU1}",  # array tasks
+    f"101_1|FAILED|node02|61|{T0}|{T0}|1:0|{SUB0}|{CPU1}",
+    f"101_2|RUNNING|node02|30|{T1}|Unknown|0:0|{SUB0}|{CPU1}",
+    f"101_[3-5%2]|PENDING|None assigned|0|Unknown|Unknown|0:0|{SUB0}|{CPU1}",  # pending remainder, throttled
+    f"102|REQUEUED|node01|7080|{T0}|{T2}|0:0|{SUB0}|{CPU1}",  # requeued twice, now running
+    f"102|PREEMPTED|node03|100|{T2}|{T2}|0:15|2024-05-01T12:00:00|{CPU1}",
+    f"102|RUNNING|node01|40|{T3}|Unknown|0:0|{SUB1.replace('11:05', '12:01')}|{CPU1}",
+    f"103|CANCELLED by 0|None assigned|0|None|{T1}|0:0|{SUB0}|{CPU1}",  # cancelled while pending
+    f"104_[0-2]|PENDING|None assigned|0|Unknown|Unknown|0:0|{SUB0}|{CPU1}",  # whole array pending
+    f"105|OUT_OF_MEMORY|node04|12|{T0}|{T0}|0:125|{SUB0}|{CPU1}",
     "",
 ])
 
@@ -53,7 +54,7 @@ def test_one_sacct_call_with_the_documented_flags():
     runner = FakeRunner(sacct=(0, SACCT, ""))
     query_jobs(["100", "101", "102", "103", "104", "105"], runner=runner)
     assert runner.calls == [["sacct", "-X", "-D", "-n", "-P", "-j", "100,101,102,103,104,105",
-                             "-o", "JobID,State,NodeList,ElapsedRaw,Start,End,ExitCode,Submit"]]
+                             "-o", "JobID,State,NodeList,ElapsedRaw,Start,End,ExitCode,Submit,AllocTRES"]]
 
 
 def test_records_from_sacct():
@@ -79,8 +80,8 @@ def test_requeued_duplicates_keep_latest_and_count_restarts():
 
 
 def test_latest_is_by_submit_time_not_output_order():
-    out = "\n".join([f"7|RUNNING|n1|5|{T3}|Unknown|0:0|{T3}",
-                     f"7|REQUEUED|n1|50|{T0}|{T1}|0:0|{T0}"])
+    out = "\n".join([f"7|RUNNING|n1|5|{T3}|Unknown|0:0|{T3}|{CPU1}",
+                     f"7|REQUEUED|n1|50|{T0}|{T1}|0:0|{T0}|{CPU1}"])
     record = query_jobs(["7"], runner=FakeRunner(sacct=(0, out, "")))["7"]
     assert (record.state, record.restarts) == ("RUNNING", 1)
 
@@ -98,8 +99,8 @@ def test_normalise_state(raw, state):
 
 
 def test_task_with_own_row_is_not_a_restart_of_the_range():
-    out = "\n".join([f"9_[1-2]|PENDING|None assigned|0|Unknown|Unknown|0:0|{SUB0}",
-                     f"9_1|RUNNING|n1|3|{T1}|Unknown|0:0|{SUB0}"])
+    out = "\n".join([f"9_[1-2]|PENDING|None assigned|0|Unknown|Unknown|0:0|{SUB0}|{CPU1}",
+                     f"9_1|RUNNING|n1|3|{T1}|Unknown|0:0|{SUB0}|{CPU1}"])
     records = query_jobs(["9"], runner=FakeRunner(sacct=(0, out, "")))
     assert (records["9_1"].state, records["9_1"].restarts) == ("RUNNING", 0)
     assert (records["9_2"].state, records["9_2"].restarts) == ("PENDING", 0)
@@ -109,10 +110,10 @@ def test_real_sacct_22_05_lines():
     """Verbatim shapes seen from sacct 22.05.8 on the test cluster: a partly released throttled array
     and a job requeued once."""
     out = "\n".join([
-        "30_1|COMPLETED|vm|0|2026-11-27T03:10:56|2026-11-27T03:10:56|0:0|2026-11-27T03:10:35",
-        "30_[0,2-3%2]|PENDING|None assigned|0|Unknown|Unknown|0:0|2026-11-27T03:10:35",
-        "11|REQUEUED|vm|1|2026-11-27T03:08:50|2026-11-27T03:08:51|0:0|2026-11-27T03:08:49",
-        "11|COMPLETED|vm|0|2026-11-27T03:09:02|2026-11-27T03:09:02|0:0|2026-11-27T03:08:51",
+        "30_1|COMPLETED|vm|0|2026-11-27T03:10:56|2026-11-27T03:10:56|0:0|2026-11-27T03:10:35|billing=1,cpu=1,mem=1000M,node=1",
+        "30_[0,2-3%2]|PENDING|None assigned|0|Unknown|Unknown|0:0|2026-11-27T03:10:35|billing=1,cpu=1,mem=1000M,node=1",
+        "11|REQUEUED|vm|1|2026-11-27T03:08:50|2026-11-27T03:08:51|0:0|2026-11-27T03:08:49|billing=1,cpu=1,mem=1000M,node=1",
+        "11|COMPLETED|vm|0|2026-11-27T03:09:02|2026-11-27T03:09:02|0:0|2026-11-27T03:08:51|billing=1,cpu=1,mem=1000M,node=1",
     ])
     records = query_jobs(["30", "11"], runner=FakeRunner(sacct=(0, out, "")))
     assert sorted(records) == ["11", "30_0", "30_1", "30_2", "30_3"]
@@ -122,7 +123,7 @@ def test_real_sacct_22_05_lines():
 
 
 def test_querying_one_array_task():
-    out = f"101_2|RUNNING|node02|30|{T1}|Unknown|0:0|{SUB0}\n"
+    out = f"101_2|RUNNING|node02|30|{T1}|Unknown|0:0|{SUB0}|{CPU1}\n"
     runner = FakeRunner(sacct=(0, out, ""))
     assert list(query_jobs(["101_2"], runner=runner)) == ["101_2"]
     assert runner.names() == ["sacct"]
@@ -157,7 +158,7 @@ def test_sacct_missing_binary_falls_back_too():
 
 def test_ids_unknown_to_sacct_are_looked_up_in_squeue():
     """A job submitted a moment ago may not be in the accounting database yet."""
-    runner = FakeRunner(sacct=(0, f"100|COMPLETED|node01|3600|{T0}|{T1}|0:0|{SUB0}\n", ""),
+    runner = FakeRunner(sacct=(0, f"100|COMPLETED|node01|3600|{T0}|{T1}|0:0|{SUB0}|{CPU1}\n", ""),
                         squeue=(0, "201_0|PENDING||0:00|N/A|N/A\n201_1|PENDING||0:00|N/A|N/A\n", ""))
     records = query_jobs(["100", "201", "300"], runner=runner)
     assert runner.calls[1][:7] == ["squeue", "-h", "-r", "-t", "all", "-j", "201,300"]
@@ -302,7 +303,7 @@ def test_real_cluster_array_query_and_cancel(tmp_path):
 
 def test_tasks_of_an_array_cancelled_while_pending_take_the_parent_record():
     # accounting keeps one record for such an array; `sacct -j 91_0` alone returns nothing
-    sacct = "91|CANCELLED by 0|None assigned|0|None|2026-11-27T03:40:00|0:0|2026-11-27T03:39:50\n"
+    sacct = "91|CANCELLED by 0|None assigned|0|None|2026-11-27T03:40:00|0:0|2026-11-27T03:39:50|billing=1,cpu=1,mem=1000M,node=1\n"
     runner = FakeRunner(sacct=(0, sacct, ""))
     records = queue.query_jobs(["91_0", "91_1", "90"], runner=runner)
     assert {k: r.state for k, r in records.items() if k != "91"} == {"91_0": "CANCELLED", "91_1": "CANCELLED"}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.rundir.attempts import read_cost
+from pipeline.rundir.layout import RunLayout
 from conftest import clone_before_dpo, launch, max_weight_difference, outlast_the_limit, start_stage_job, wait_for_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -85,9 +87,12 @@ def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_ru
     records = [json.loads(line) for line in (run_dir / "jobs" / "attempts" / "dpo" / "0.1.jsonl").read_text().splitlines()]
     assert [r["outcome"] for r in records] == ["requeued:timeout"] * dpo_row["restarts"] + ["completed"]
     assert [r["restart"] for r in records] == list(range(len(records))) and records[0]["executor"] == "slurm"
-    cost = dpo_row["cost"]
-    assert cost["attempts"] == len(records) and cost["gpu_hours"] == 0
+    cost = dpo_row["cost"]  # from the accounting database: every run of the job, requeued ones as such
+    assert cost["source"] == "sacct" and cost["attempts"] == len(records) and cost["gpu_hours"] == 0, cost
     assert 0 < cost["requeued_cpu_hours"] < cost["cpu_hours"]
+    # sacct times the whole allocation, the job's records from the moment its Python started the stage
+    recorded = read_cost(RunLayout(run_dir), "dpo", "0.1")
+    assert recorded.cpu_hours - len(records) / 3600 <= cost["cpu_hours"] <= recorded.cpu_hours + 120 * len(records) / 3600
 
 
 def test_lora_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
@@ -158,7 +163,11 @@ def test_sigkill_then_resume_continues_from_the_last_complete_checkpoint(tiny_ru
     assert manifest["lost_steps"] == killed_at - 25 and manifest["metrics"]["global_step"] == 150
     rows = json.loads(launch("status", "--run-dir", str(run_dir), "--json").stdout)
     cost = next(r for r in rows if r["stage"] == "dpo")["cost"]
-    assert cost["attempts"] == 2 and cost["unmeasured_attempts"] == 1  # the killed one recorded no end
+    # from the accounting database, which timed the killed job too (all of it lost: a new job redid the task)
+    assert cost["source"] == "sacct" and cost["attempts"] == 2 and cost["unmeasured_attempts"] == 0, cost
+    assert 0 < cost["requeued_cpu_hours"] < cost["cpu_hours"], cost
+    recorded = read_cost(RunLayout(run_dir), "dpo", "0.1")
+    assert recorded.attempts == 2 and recorded.unmeasured == 1  # the job's own records: the killed one has no end
 
 
 def test_peer_loss_is_recognised_through_the_exception_chain():
