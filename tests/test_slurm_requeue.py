@@ -93,6 +93,7 @@ def test_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_ru
     # sacct times the whole allocation, the job's records from the moment its Python started the stage
     recorded = read_cost(RunLayout(run_dir), "dpo", "0.1")
     assert recorded.cpu_hours - len(records) / 3600 <= cost["cpu_hours"] <= recorded.cpu_hours + 120 * len(records) / 3600
+    print(f"dpo arm with {len(records)} attempt(s): sacct {cost}; the job's records {recorded}")
 
 
 def test_lora_dpo_requeues_on_its_time_limit_and_matches_an_uninterrupted_run(tiny_run, tmp_path, slurm_cluster):
