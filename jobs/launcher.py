@@ -93,9 +93,11 @@ def prepare_run(run_dir: str | Path, preset: str | None, config_file: str | None
 def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
     """Pin and download every hub model and dataset of the run (on the login node, before any job
     exists); jobs then read them offline. A run directory this call created is removed again if the
-    prefetch fails, so a bad reference (or a LoRA target module the model lacks) leaves nothing behind."""
+    prefetch fails, so a bad reference (or a LoRA target module the model lacks, or a reward model with
+    more than one output) leaves nothing behind."""
     from pipeline.data import hub
     from pipeline.models.adapters import check_lora_targets
+    from pipeline.models.reward import check_reward_model
 
     created = not layout.root.exists()
     try:
@@ -110,6 +112,7 @@ def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
                 f"{counts['identical']} with identical chosen/rejected (rows longer than dpo.max_length are "
                 "counted by the pairs stage)")
         check_lora_targets(cfg, fetched)  # reads the prefetched model's config: LoRA targets it lacks
+        check_reward_model(cfg, fetched)  # a reward model with one output; a classifier's label
         return fetched
     except BaseException:
         if created:

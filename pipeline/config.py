@@ -85,17 +85,23 @@ class DataConfig:
             _check(self.max_train_examples >= 1, "data.max_train_examples", "must be >= 1 or null")
 
 
+REWARD_KINDS = ("classifier", "reward_model", "vader")
+
+
 @dataclass
 class RewardConfig:
-    kind: str = doc("Reward model: 'classifier' (a transformers sentiment classifier) or 'vader' "
-                    "(lexicon-based, offline).", "classifier")
-    model: str = doc("Classifier hub id or directory (kind=classifier).", "siebert/sentiment-roberta-large-english")
-    positive_label: str = doc("Classifier label whose probability is the reward.", "POSITIVE")
-    batch_size: int = doc("Texts per classifier batch.", 64)
-    max_length: int = doc("Classifier truncation length, in tokens.", 512)
+    kind: str = doc("Reward: 'classifier' (a transformers text classifier: the probability of positive_label, "
+                    "in [0, 1]), 'reward_model' (a sequence-classification model with one output: its score, "
+                    "unbounded, of prompt + response through the reward model's own chat template when it has "
+                    "one) or 'vader' (lexicon-based sentiment, offline, in [0, 1]).", "classifier")
+    model: str = doc("Classifier or reward model: a hub id or a directory (kind=classifier or reward_model).",
+                     "siebert/sentiment-roberta-large-english")
+    positive_label: str = doc("kind=classifier: the label whose probability is the reward.", "POSITIVE")
+    batch_size: int = doc("Texts per reward batch.", 64)
+    max_length: int = doc("Reward model truncation length, in tokens.", 512)
 
     def __post_init__(self):
-        _check(self.kind in ("classifier", "vader"), "reward.kind", f"{self.kind!r} is not 'classifier' or 'vader'")
+        _check(self.kind in REWARD_KINDS, "reward.kind", f"{self.kind!r} is not one of {', '.join(REWARD_KINDS)}")
         _check(bool(self.model), "reward.model", "must not be empty; use a hub id or a directory")
         _check(bool(self.positive_label), "reward.positive_label", "must name a label of the classifier, e.g. POSITIVE")
         _check(self.batch_size >= 1, "reward.batch_size", "must be >= 1")
@@ -370,7 +376,7 @@ class PipelineConfig:
                                   "capped by its cpus_per_task; elsewhere OMP_NUM_THREADS or torch's default).", None)
     model: ModelConfig = doc("Policy model.", factory=ModelConfig)
     data: DataConfig = doc("Review corpus and prompts.", factory=DataConfig)
-    reward: RewardConfig = doc("Sentiment reward.", factory=RewardConfig)
+    reward: RewardConfig = doc("The reward of pair ranking (pairs.source=sampled), online methods and eval.", factory=RewardConfig)
     sft: SFTConfig = doc("Supervised fine-tuning stage.", factory=SFTConfig)
     pairs: PairsConfig = doc("Preference-pair stage.", factory=PairsConfig)
     dpo: DPOConfig = doc("DPO stage (one run per sweep arm).", factory=DPOConfig)

@@ -58,7 +58,7 @@ def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     (["sft.learning_rate=fast"], "sft.learning_rate", "expected a number"),
     (["wandb.enabled=maybe"], "wandb.enabled", "expected true or false"),
     (["data.dataset=./no/such/file.parquet"], "data.dataset", "does not exist"),
-    (["reward.kind=bert"], "reward.kind", "is not 'classifier' or 'vader'"),
+    (["reward.kind=bert"], "reward.kind", "is not one of classifier, reward_model, vader"),
     (["pairs.completions_per_prompt=1"], "pairs.completions_per_prompt", ">= 2"),
     (["sweep.methods=[nosuch]"], "sweep.methods[0]", "'nosuch' is not a method; choose from dpo, ipo, robust, hinge"),
     (["dpo.loss_type=ipo"], "dpo: unknown key(s) loss_type", "dpo.loss_type was replaced by sweep.methods"),

@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline.config import EvalConfig
 from pipeline.rundir.layout import atomic_write_jsonl
 from pipeline.evaluation.sampling import _padded_batch, completion_logprobs, sample_completions, sample_resumable, sequence_kl
+from pipeline.models.reward import TextReward
 from pipeline.reporting.frontier import FRONTIER_COLUMNS, frontier_csv, plot_frontier, seed_means, seed_means_csv
 from pipeline.evaluation.policies import Policy, evaluate_policy, reward_stderr
 from pipeline.reporting.report import report_markdown
@@ -208,8 +209,12 @@ def eval_config(samples_per_prompt: int = 4):
                                            batch_size=8, logprob_batch_size=8, fixed_prompts=[]))
 
 
-def length_reward(texts):
-    return [min(len(t), 20) / 20 for t in texts]
+class LengthReward(TextReward):
+    def __call__(self, texts):
+        return [min(len(t), 20) / 20 for t in texts]
+
+
+length_reward = LengthReward()
 
 
 def test_sft_row_kl_is_the_sampler_vs_scorer_floor(tmp_path, monkeypatch):

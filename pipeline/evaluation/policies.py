@@ -129,7 +129,7 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
                               temperature=ev.temperature, batch_size=ev.batch_size, seed=cfg.seed + 7,
                               kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
-    rewards = score_in_batches(reward, [s.text for s in flat], cfg.reward.batch_size)
+    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size)
     is_reference = policy.kind == "sft"  # the SFT model is the reference: scored once
     lp = completion_logprobs(model, flat, tokenizer.pad_token_id, temperature=ev.temperature,
                              batch_size=ev.logprob_batch_size, ref_model=None if is_reference else ref_model)
@@ -173,7 +173,7 @@ def evaluate_best_of_n(cfg: PipelineConfig, policy: Policy, sft_model, tokenizer
                               seed=best_of_n_seed(Arm(n, policy.method, policy.seed), cfg.seed),
                               kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
-    rewards = score_in_batches(reward, [s.text for s in flat], cfg.reward.batch_size)
+    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size)
     kept = keep_best(rewards, n)  # groups of n consecutive samples of one prompt (draws * n per prompt)
     kept_rewards = [rewards[i] for i in kept]
     per_prompt = [rewards[p * draws * n:(p + 1) * draws * n] for p in range(len(prompts))]

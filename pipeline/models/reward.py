@@ -1,21 +1,32 @@
-"""Sentiment reward: texts -> P(positive) in [0, 1].
+"""The run's reward: (prompt, completion) pairs -> one number each.
 
-`classifier` is the seed's siebert/sentiment-roberta-large-english through a transformers
-pipeline (inside jobs read from the prefetched snapshot, see pipeline.data.hub.resolve); `vader` is the
-offline lexicon model (its compound score in [-1, 1] mapped to [0, 1]).
+`classifier` is a text classifier through a transformers pipeline (the seed's
+siebert/sentiment-roberta-large-english): the probability of `reward.positive_label`, in [0, 1].
+`reward_model` is a sequence-classification model with one output (a trained reward model): its
+score, unbounded, of prompt + response, rendered through the reward model's own chat template
+(user turn, assistant turn) when its tokenizer has one. `vader` is the offline lexicon model (its
+compound score in [-1, 1] mapped to [0, 1]). Inside jobs the models are read from the prefetched
+snapshot (see pipeline.data.hub.resolve). `check_reward_model` refuses a wrong model before any job.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
 
 from pipeline.config import RewardConfig
 
 
-class RewardModel(Protocol):
-    def __call__(self, texts: list[str]) -> list[float]: ...
+class TextReward:
+    """A reward of the text prompt + completion (classifier, vader); `__call__` scores whole texts."""
+    bounded = True  # scores lie in [0, 1]
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return self([p + c for p, c in zip(prompts, completions)])
 
 
-class VaderReward:
+class VaderReward(TextReward):
     def __init__(self):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -25,17 +36,21 @@ class VaderReward:
         return [(self._analyzer.polarity_scores(text)["compound"] + 1.0) / 2.0 for text in texts]
 
 
-class ClassifierReward:
+def _dtype(device):
+    import torch
+
+    return torch.bfloat16 if getattr(device, "type", device) == "cuda" else torch.float32
+
+
+class ClassifierReward(TextReward):
     def __init__(self, cfg: RewardConfig, device):
-        import torch
         from transformers import pipeline
 
         from pipeline.data.hub import resolve
 
         self._cfg = cfg
-        dtype = torch.bfloat16 if getattr(device, "type", "cpu") == "cuda" else torch.float32
-        self._pipe = pipeline("text-classification", model=resolve(cfg.model, "model"), device=device, dtype=dtype,
-                              top_k=None, truncation=True, max_length=cfg.max_length)
+        self._pipe = pipeline("text-classification", model=resolve(cfg.model, "model"), device=device,
+                              dtype=_dtype(device), top_k=None, truncation=True, max_length=cfg.max_length)
         labels = set(self._pipe.model.config.id2label.values())
         if cfg.positive_label not in labels:
             raise ValueError(f"reward.positive_label: {cfg.positive_label!r} is not a label of {cfg.model} "
@@ -46,18 +61,102 @@ class ClassifierReward:
         return [next(s["score"] for s in scores if s["label"] == self._cfg.positive_label) for scores in outputs]
 
 
-def make_reward(cfg: RewardConfig, device=None) -> RewardModel:
+class ScalarReward:
+    """A one-output sequence-classification model: its logit is the reward (unbounded)."""
+    bounded = False
+
+    def __init__(self, cfg: RewardConfig, device):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from pipeline.data.hub import resolve
+
+        path = resolve(cfg.model, "model")
+        self._max_length = cfg.max_length
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._model = AutoModelForSequenceClassification.from_pretrained(path, dtype=_dtype(self._device))
+        check_one_output(self._model.config, cfg.model)
+        if self._tokenizer.pad_token is None:  # GPT-style reward models: pad with EOS, as TRL's reward trainer does
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._model.config.pad_token_id = self._tokenizer.pad_token_id
+        self._model.to(self._device).eval()
+
+    def _render(self, prompt: str, completion: str) -> str:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return self._tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def _scores(self, texts: list[str], templated: bool) -> list[float]:
+        import torch
+
+        # a rendered template already holds its special tokens: the tokenizer must not add them again
+        batch = self._tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                max_length=self._max_length, add_special_tokens=not templated).to(self._device)
+        with torch.no_grad():
+            return self._model(**batch).logits[:, 0].float().tolist()
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return self._scores(list(texts), templated=False)
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        if self._tokenizer.chat_template:
+            return self._scores([self._render(p, c) for p, c in zip(prompts, completions)], templated=True)
+        return self._scores([p + c for p, c in zip(prompts, completions)], templated=False)
+
+
+def make_reward(cfg: RewardConfig, device=None):
     if cfg.kind == "vader":
         return VaderReward()
+    if cfg.kind == "reward_model":
+        return ScalarReward(cfg, device)
     return ClassifierReward(cfg, device)
 
 
-def score_in_batches(reward: RewardModel, texts: list[str], batch_size: int, progress=None) -> list[float]:
+def check_one_output(model_config, name: str) -> None:
+    if model_config.num_labels != 1:
+        raise ValueError(f"reward.model: {name} has {model_config.num_labels} outputs "
+                         f"({', '.join(map(str, model_config.id2label.values()))}); reward.kind=reward_model needs a "
+                         "sequence-classification model with one output (num_labels=1, a trained reward model). "
+                         "For a classifier use reward.kind=classifier with reward.positive_label")
+
+
+def check_reward_model(cfg, prefetched: dict) -> None:
+    """Before anything is submitted (after the prefetch): a `reward_model` has one output and a
+    `classifier` has `positive_label`. The config is read from the local directory or the prefetched
+    snapshot (`prefetched`: what `hub.prefetch` returned)."""
+    reward = cfg.reward
+    if reward.kind == "vader":
+        return
+    from transformers import AutoConfig
+
+    entry = prefetched.get("reward.model")
+    model_config = AutoConfig.from_pretrained(entry["path"] if entry else str(Path(reward.model).expanduser()))
+    if reward.kind == "reward_model":
+        check_one_output(model_config, reward.model)
+    elif reward.positive_label not in set(model_config.id2label.values()):
+        raise ValueError(f"reward.positive_label: {reward.positive_label!r} is not a label of {reward.model} "
+                         f"(labels: {', '.join(sorted(model_config.id2label.values()))}); set one of them")
+
+
+def axis_label(cfg: RewardConfig) -> str:
+    """What the frontier's y-axis shows: the reward and its unit."""
+    if cfg.kind == "vader":
+        return "mean reward: VADER sentiment, (compound + 1) / 2 in [0, 1]"
+    name = Path(cfg.model).name if Path(cfg.model).expanduser().is_dir() else cfg.model
+    if cfg.kind == "reward_model":
+        return f"mean reward: {name} score (logit, unbounded)"
+    return f"mean reward: P({cfg.positive_label}) under {name}"
+
+
+def score_in_batches(reward, prompts: list[str], completions: list[str], batch_size: int,
+                     progress=None) -> list[float]:
     scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        scores.extend(reward(texts[start:start + batch_size]))
+    for start in range(0, len(prompts), batch_size):
+        scores.extend(reward.score(prompts[start:start + batch_size], completions[start:start + batch_size]))
         if progress is not None:
-            progress.update(min(batch_size, len(texts) - start))
-    if not all(0.0 <= s <= 1.0 for s in scores):
+            progress.update(min(batch_size, len(prompts) - start))
+    if reward.bounded and not all(0.0 <= s <= 1.0 for s in scores):
         raise RuntimeError("reward model returned values outside [0, 1]")
+    if not all(s == s and abs(s) != float("inf") for s in scores):
+        raise RuntimeError("reward model returned a NaN or infinite score")
     return scores

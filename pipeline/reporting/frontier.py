@@ -123,7 +123,7 @@ def several_seeds(results: list[dict]) -> bool:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
-def plot_frontier(results: list[dict], path: Path) -> None:
+def plot_frontier(results: list[dict], path: Path, reward_label: str = "mean reward") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +168,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
     else:
         errorbar([sft], "k*", ms=14, label="SFT (reference; KL = noise floor: sampler ‖ scorer)")
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence")
-    ax.set_ylabel("mean sentiment reward P(positive)")
+    ax.set_ylabel(reward_label)
     only_dpo = methods in ([], [DEFAULT_METHOD])
     what = "every DPO checkpoint" if only_dpo else "every checkpoint of each method"
     bars = "±1 s.e. over seeds" if any(r["seeds"] > 1 for r in means) else "±1 s.e."

@@ -48,12 +48,14 @@ def rloo_config(cfg: PipelineConfig, arm: Arm, trainer_kwargs: dict):
                       disable_dropout=True)
 
 
-def reward_function(reward):
+def reward_function(reward, name: str = "sentiment"):
     """TRL's reward-function form of the run's reward: the score of prompt + completion, as the pairs
-    and eval stages score it. Named after what it is, for TRL's `rewards/<name>/mean` metric."""
-    def sentiment(prompts: list[str], completions: list[str], **_) -> list[float]:
-        return list(reward([p + c for p, c in zip(prompts, completions)]))
-    return sentiment
+    and eval stages score it. Named after what it is, for TRL's `rewards/<name>/mean` metric
+    (`sentiment` for a classifier or VADER, `reward_model` for a reward model)."""
+    def score(prompts: list[str], completions: list[str], **_) -> list[float]:
+        return list(reward.score(prompts, completions))
+    score.__name__ = name
+    return score
 
 
 def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
@@ -103,9 +105,10 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
         args = rloo_config(cfg, arm, setup.trainer_kwargs)
         # the model is given by its directory: TRL loads the KL reference from the same path (an in-memory
         # model would make it load whatever `_name_or_path` says, e.g. the base model)
-        trainer = RLOOTrainer(model=str(layout.sft_model), reward_funcs=[reward_function(make_reward(cfg.reward,
-                              setup.device))], args=args, train_dataset=prompts, processing_class=tokenizer,
-                              callbacks=setup.callbacks)
+        metric_name = "reward_model" if cfg.reward.kind == "reward_model" else "sentiment"
+        reward = reward_function(make_reward(cfg.reward, setup.device), metric_name)
+        trainer = RLOOTrainer(model=str(layout.sft_model), reward_funcs=[reward], args=args, train_dataset=prompts,
+                              processing_class=tokenizer, callbacks=setup.callbacks)
         return BuiltTrainer(trainer, tokenizer, {"sft_model": str(layout.sft_model),
                                                  "prompts": str(layout.pair_prompts), "num_prompts": len(prompts)})
 

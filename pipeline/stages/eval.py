@@ -19,6 +19,7 @@ from pipeline.config import PipelineConfig
 from pipeline.configlib import to_dict
 from pipeline.evaluation.policies import (Policy, arm_policies, evaluate_best_of_n, evaluate_policy, list_policies,
                                           sft_policy)
+from pipeline.models.reward import axis_label
 from pipeline.registry import Arm, sweep_arms
 from pipeline.reporting.frontier import frontier_csv, plot_frontier, seed_means, seed_means_csv, several_seeds
 from pipeline.reporting.report import report_markdown
@@ -123,7 +124,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
     atomic_write_text(layout.frontier_csv, frontier_csv(results))
     if several_seeds(results):
         atomic_write_text(layout.frontier_seeds_csv, seed_means_csv(seed_means(results)))
-    plot_frontier(results, layout.frontier_png)
+    plot_frontier(results, layout.frontier_png, axis_label(cfg.reward))
     from pipeline.reporting.curves import draw_training_curves
 
     from pipeline.reporting.cost import cost_markdown, cost_rows

@@ -72,7 +72,8 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
     reward = make_reward(cfg.reward, device)
     flat = [s for group in samples for s in group]
     with tqdm(total=len(flat), desc=f"pairs shard {shard}: scoring", mininterval=5) as bar:
-        scores = score_in_batches(reward, [s.text for s in flat], cfg.reward.batch_size, progress=bar)
+        scores = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size,
+                                  progress=bar)
     rows, index = [], 0
     for prompt, group in zip(prompts, samples):
         completions = []
