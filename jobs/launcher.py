@@ -107,6 +107,10 @@ def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
 
             snapshot = fetched.get("pairs.dataset", {}).get("path")
             counts = preferences.check_before_submit(cfg, snapshot)
+            if counts["conversational"]:  # message lists need the policy's chat template
+                from pipeline.models.chat import check_chat_template
+
+                check_chat_template(cfg, fetched)
             log(f"pairs.dataset: {counts['usable']} usable pairs of {counts['rows']} rows, "
                 f"{counts['held_out_prompts']} prompts held out for eval; dropped {counts['empty']} empty, "
                 f"{counts['identical']} with identical chosen/rejected (rows longer than dpo.max_length are "

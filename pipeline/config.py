@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pipeline.adapter_config import DPOLoraConfig, LoraConfig  # noqa: F401
+from pipeline.models.chat import check_template_setting
 from pipeline.configlib import check as _check
 from pipeline.configlib import doc
 from pipeline.source_config import PAIR_ROLES, PAIR_SOURCES, PreferenceSourceConfig, SFTSourceConfig  # noqa: F401
@@ -35,6 +36,9 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 class ModelConfig:
     name: str = doc("Policy model: a hub id (gpt2-large), a local directory, or 'tiny' (a small GPT-2 "
                     "built from the fields below with a tokenizer trained on the corpus).", "gpt2-large")
+    chat_template: str | None = doc("Chat template for conversational data (message lists): a named one (zephyr) "
+                                    "or a Jinja file; null: the tokenizer's own. Conversational data with a "
+                                    "tokenizer that has none is refused at launch.", None)
     dtype: str = doc("Compute dtype: auto (bf16 on GPUs that support it, else float32), float32, bfloat16, "
                      "float16. Sampling and eval hold weights in it; SFT and DPO keep float32 weights and "
                      "autocast to it.", "auto")
@@ -48,6 +52,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(bool(self.name), "model.name", "must not be empty; use a hub id, a directory or 'tiny'")
+        check_template_setting(self.chat_template)
         _check(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
         for field in ("n_layer", "n_embd", "n_head", "n_positions"):
             _check(getattr(self, field) >= 1, f"model.{field}", "must be >= 1")

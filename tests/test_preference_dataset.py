@@ -88,11 +88,6 @@ def test_implicit_prompts_are_cut_off_and_bad_rows_counted(tmp_path):
     assert out.rows == [{"prompt": "Q: how was it? A:", "chosen": " great", "rejected": " bad"},
                         {"prompt": "Tell me.", "chosen": " Yes", "rejected": " No"}]
     assert out.dropped == {"empty": 1, "identical": 1, "too_long": 0}
-    messages = Dataset.from_list([{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
-                                   "rejected": [{"role": "user", "content": "hi"},
-                                                {"role": "assistant", "content": "b"}]}])
-    with pytest.raises(ValueError, match="is conversational .chosen holds message lists.; only the standard format"):
-        preferences.convert(cfg, messages)
 
 
 def test_named_splits_give_the_eval_prompts(tmp_path):
@@ -105,7 +100,8 @@ def test_named_splits_give_the_eval_prompts(tmp_path):
     cfg = dataset_sets(data, "eval.prompt_split=test")
     counts = preferences.check_before_submit(cfg)
     # every usable training row is trained on: the eval prompts come from the test split
-    assert counts == {"rows": 33, "usable": 31, "held_out_prompts": 10, "empty": 1, "identical": 1, "too_long": 0}
+    assert counts == {"rows": 33, "usable": 31, "held_out_prompts": 10, "empty": 1, "identical": 1, "too_long": 0,
+                      "conversational": False}
     train, eval_rows = preferences.load(cfg)
     held = preferences.held_out_prompts(cfg, train, eval_rows)
     assert all(p.startswith("Held ") for p in held) and len(set(held)) == 10

@@ -144,7 +144,7 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
     n = len(flat)
     mean_reward = sum(rewards) / n
     reward_std = (sum((r - mean_reward) ** 2 for r in rewards) / n) ** 0.5
-    fixed = set(cfg.eval.fixed_prompts)
+    fixed = set(prompts[:len(cfg.eval.fixed_prompts)])  # eval prompts start with them (rendered for chat data)
     examples = [{"prompt": g[0].prompt, "completion": g[0].completion, "reward": rewards[i * ev.samples_per_prompt]}
                 for i, g in enumerate(groups) if g[0].prompt in fixed]
     return {"policy": policy.kind, "id": policy.id, "beta": policy.beta, **policy.identity(), "step": policy.step,
@@ -183,7 +183,7 @@ def evaluate_best_of_n(cfg: PipelineConfig, policy: Policy, sft_model, tokenizer
     reward_std = (sum((r - mean_reward) ** 2 for r in kept_rewards) / count) ** 0.5
     kl = sum(kls) / len(kls)
     kl_stderr = stderr_from_population_std((sum((k - kl) ** 2 for k in kls) / len(kls)) ** 0.5, len(kls))
-    fixed = set(cfg.eval.fixed_prompts)
+    fixed = set(prompts[:len(cfg.eval.fixed_prompts)])  # eval prompts start with them (rendered for chat data)
     examples = [{"prompt": flat[kept[p * draws]].prompt, "completion": flat[kept[p * draws]].completion,
                  "reward": kept_rewards[p * draws]} for p, prompt in enumerate(prompts) if prompt in fixed]
     return {"policy": policy.kind, "id": policy.id, "beta": None, **policy.identity(), "step": policy.step,

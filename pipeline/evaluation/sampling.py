@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.models.chat import encode
+
 
 @dataclass
 class Sample:
@@ -113,7 +115,7 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
     eos = tokenizer.eos_token_id
     static = kv_cache == "static"
     flat = [(p, k) for p in range(len(prompts)) for k in range(num_samples)]
-    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    encoded = [encode(tokenizer, prompt) for prompt in prompts]  # a chat template's BOS not doubled
     width = max([prompt_width] + [len(ids) for ids in encoded]) if static else 0  # 0: the batch's longest
     results: list[list[Sample]] = [[] for _ in prompts]
     for batch_index, start in enumerate(range(0, len(flat), batch_size)):

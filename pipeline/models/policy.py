@@ -74,9 +74,14 @@ def build_tiny_base(cfg: ModelConfig, texts: list[str], out_dir: Path, seed: int
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=2, special_tokens=[EOS])
+    from pipeline.models.chat import TEMPLATE_SPECIAL_TOKENS, apply_template_setting
+
+    # a named chat template's role tags stay whole tokens (none without a template: tiny is unchanged)
+    special = [EOS, *TEMPLATE_SPECIAL_TOKENS.get(cfg.chat_template, [])]
+    bpe.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=2, special_tokens=special)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                         pad_token=EOS, padding_side="left", model_max_length=cfg.n_positions)
+    apply_template_setting(tokenizer, cfg.chat_template)
     torch.manual_seed(seed)
     rows = max(len(tokenizer), cfg.embedding_rows or 0)
     config = GPT2Config(vocab_size=rows, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
@@ -91,18 +96,20 @@ def build_tiny_base(cfg: ModelConfig, texts: list[str], out_dir: Path, seed: int
     return out_dir
 
 
-def load_tokenizer(path_or_name: str | Path):
-    """Left padding (generation) and a pad token (GPT-2 has none; EOS serves).
+def load_tokenizer(path_or_name: str | Path, chat_template: str | None = None):
+    """Left padding (generation) and a pad token (GPT-2 has none; EOS serves); `chat_template` is
+    model.chat_template (a name or file; null keeps the tokenizer's own).
 
     A hub id is opened from its prefetched snapshot inside jobs (pipeline.data.hub.resolve)."""
     from transformers import AutoTokenizer
 
     from pipeline.data.hub import resolve
+    from pipeline.models.chat import apply_template_setting
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(path_or_name, "model"), padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return apply_template_setting(tokenizer, chat_template)
 
 
 # Weights a trained model is held in. bf16/fp16 are compute dtypes (the Trainer autocasts): Adam

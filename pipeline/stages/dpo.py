@@ -78,7 +78,7 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
         # by the other arms and after a requeue (TRL keys that cache by data and reference weights).
         pairs = Dataset.from_json(str(layout.pairs_file), cache_dir=str(layout.stage_dir("dpo") / "cache"),
                                   split="train").select_columns(["prompt", "chosen", "rejected"])
-        tokenizer = load_tokenizer(layout.sft_model)
+        tokenizer = load_tokenizer(layout.sft_model, cfg.model.chat_template)
         model = load_model(layout.sft_model, setup.device, setup.dtype, train=True)
         # The live reference has the policy's weights dtype and runs under the same autocast, so the
         # log-ratios start at exactly 0. With LoRA, TRL wraps the model and the reference is that model
@@ -101,7 +101,7 @@ def run(cfg: PipelineConfig, layout: RunLayout, arm: Arm) -> dict:
         from trl import RLOOTrainer
 
         prompts = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(layout.pair_prompts)])
-        tokenizer = load_tokenizer(layout.sft_model)
+        tokenizer = load_tokenizer(layout.sft_model, cfg.model.chat_template)
         args = rloo_config(cfg, arm, setup.trainer_kwargs)
         # the model is given by its directory: TRL loads the KL reference from the same path (an in-memory
         # model would make it load whatever `_name_or_path` says, e.g. the base model)

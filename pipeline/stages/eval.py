@@ -49,7 +49,7 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
     def needs() -> dict:
         if not shared:
             shared.update(prompts=[r["prompt"] for r in read_jsonl(layout.eval_prompts)],
-                          tokenizer=load_tokenizer(layout.sft_model),
+                          tokenizer=load_tokenizer(layout.sft_model, cfg.model.chat_template),
                           ref_model=load_model(layout.sft_model, device, dtype),  # also what SFT/Best-of-N sample
                           reward=make_reward(cfg.reward, device))
         return shared

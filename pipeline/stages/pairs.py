@@ -56,7 +56,7 @@ def run_shard(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
     setup_process(cfg)
     prompts = shard_prompts([r["prompt"] for r in read_jsonl(layout.pair_prompts)], shard, cfg.pairs.num_shards)
     device = resolve_device(cfg)
-    tokenizer = load_tokenizer(layout.sft_model)
+    tokenizer = load_tokenizer(layout.sft_model, cfg.model.chat_template)
     model = load_model(layout.sft_model, device, resolve_dtype(cfg.model, device))
     k = cfg.pairs.completions_per_prompt
     with tqdm(total=len(prompts) * k, desc=f"pairs shard {shard}: sampling", mininterval=5) as bar:

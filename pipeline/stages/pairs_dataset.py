@@ -32,17 +32,21 @@ def convert(cfg: PipelineConfig, layout: RunLayout, task: Shard) -> int:
         return 0
     from pipeline.models.policy import load_tokenizer
 
-    train = preferences.convert(cfg, preferences.open_split(cfg, cfg.pairs.train_split, "pairs.train_split"))
+    tokenizer = load_tokenizer(layout.sft_model, cfg.model.chat_template)
+    split = preferences.open_split(cfg, cfg.pairs.train_split, "pairs.train_split")
+    train = preferences.convert(cfg, split, tokenizer)  # chat data rendered with the policy's template
     eval_prompts = [r["prompt"] for r in read_jsonl(layout.eval_prompts)]
     rows = preferences.training_rows(train, eval_prompts)
     held_out = len(train.rows) - len(rows)
-    rows, too_long = preferences.drop_too_long(rows, load_tokenizer(layout.sft_model), cfg.dpo.max_length)
+    rows, too_long = preferences.drop_too_long(rows, tokenizer, cfg.dpo.max_length)
+    rows = [{role: row[role] for role in ("prompt", "chosen", "rejected")} for row in rows]  # as DPO reads them
     dropped = {**train.dropped, "too_long": too_long}
     if not rows:
         raise ValueError(f"pairs.dataset: no usable pairs left in {cfg.pairs.dataset} ({train.total} rows; dropped "
                          f"{dropped}; {held_out} held out for eval): raise dpo.max_length or use another dataset")
     atomic_write_json(counts_path(layout), {"rows": train.total, "held_out_rows": held_out, "dropped": dropped,
-                                            "implicit_prompt": train.implicit_prompt})
+                                            "implicit_prompt": train.implicit_prompt,
+                                            "conversational": train.conversational})
     atomic_write_jsonl(out, rows)  # written last: the task's completion marker
     return len(rows)
 
@@ -58,6 +62,7 @@ def merge(cfg: PipelineConfig, layout: RunLayout) -> dict:
     atomic_write_jsonl(layout.pairs_file, pairs)
     metrics = {"source": "dataset", "rows": counts["rows"], "pairs": len(pairs),
                "held_out_rows": counts["held_out_rows"], "implicit_prompt": counts["implicit_prompt"],
+               "conversational": counts.get("conversational", False),
                **{f"dropped_{reason}": n for reason, n in counts["dropped"].items()},
                "prompts": len({p["prompt"] for p in pairs})}
     dropped = counts["dropped"]

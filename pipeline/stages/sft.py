@@ -32,7 +32,7 @@ def prepare(cfg: PipelineConfig, layout: RunLayout) -> None:
         build_tiny_base(cfg.model, tokenizer_texts(cfg), layout.base_model, cfg.seed)
     if layout.pair_prompts.is_file() and layout.eval_prompts.is_file():
         return
-    tokenizer = load_tokenizer(base_model_path(cfg, layout))
+    tokenizer = load_tokenizer(base_model_path(cfg, layout), cfg.model.chat_template)
     if cfg.pairs.source == "dataset":
         pair_prompts, eval_prompts = dataset_prompts(cfg, tokenizer)
     else:
@@ -47,26 +47,32 @@ def tokenizer_texts(cfg: PipelineConfig) -> list[str]:
     """What the tiny model's tokenizer is trained on: the reviews, or the preference data's own text."""
     if cfg.pairs.source != "dataset":
         return load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
-    train, eval_rows = preferences.load(cfg)
+    train, eval_rows = preferences.load(cfg)  # chat data unrendered: the texts of its messages
     rows = train.rows + (eval_rows.rows if eval_rows is not None else [])
-    return [text for row in rows for text in (row["prompt"], row["chosen"], row["rejected"])]
+    return [text for row in rows for value in (row["prompt"], row["chosen"], row["rejected"])
+            for text in ([value] if isinstance(value, str) else [m["content"] for m in value])]
 
 
 def dataset_prompts(cfg: PipelineConfig, tokenizer) -> tuple[list[str], list[str]]:
     """pairs.source=dataset: the training pairs' prompts (RLOO's) and the held-out eval prompts."""
-    train, eval_rows = preferences.load(cfg)
+    train, eval_rows = preferences.load(cfg, tokenizer=tokenizer)  # chat data rendered with its template
     held = preferences.held_out_prompts(cfg, train, eval_rows, tokenizer)
     pair_prompts = list(dict.fromkeys(r["prompt"] for r in preferences.training_rows(train, held)))
-    return pair_prompts, list(cfg.eval.fixed_prompts) + held
+    return pair_prompts, preferences.fixed_prompts(cfg, train, tokenizer) + held
 
 
-def sft_texts(cfg: PipelineConfig, layout: RunLayout) -> list[str]:
-    """SFT's texts: the reviews, or prompt + chosen of the preference training rows (eval prompts left out)."""
+def sft_examples(cfg: PipelineConfig, layout: RunLayout, tokenizer) -> dict[str, list]:
+    """SFT's dataset columns: `text`, the reviews or prompt + chosen of the preference training rows
+    (eval prompts left out); for chat data `messages`, prompt + chosen turns, which TRL renders with
+    the tokenizer's chat template (and tokenizes without adding its special tokens twice)."""
     if cfg.pairs.source != "dataset":
-        return load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
-    train, _ = preferences.load(cfg)
+        return {"text": load_reviews(cfg.data, cfg.data.train_split, cfg.seed)}
+    train, _ = preferences.load(cfg, tokenizer=tokenizer)
     held = [r["prompt"] for r in read_jsonl(layout.eval_prompts)]
-    return [row["prompt"] + row["chosen"] for row in preferences.training_rows(train, held)]
+    rows = preferences.training_rows(train, held)
+    if train.conversational:
+        return {"messages": [row["messages"] for row in rows]}
+    return {"text": [row["prompt"] + row["chosen"] for row in rows]}
 
 
 def use_base(cfg: PipelineConfig, layout: RunLayout) -> dict:
@@ -101,14 +107,14 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         from pipeline.training.batching import sft_trainer_class
         from pipeline.models.policy import load_model, load_tokenizer
 
-        texts = sft_texts(cfg, layout)
+        tokenizer = load_tokenizer(base_model_path(cfg, layout), cfg.model.chat_template)
+        (column, texts), = sft_examples(cfg, layout, tokenizer).items()
         if cfg.data.max_train_examples:
             texts = texts[:cfg.data.max_train_examples]
-        tokenizer = load_tokenizer(base_model_path(cfg, layout))
         model = load_model(base_model_path(cfg, layout), setup.device, setup.dtype, train=True)
         args = SFTConfig(**setup.trainer_kwargs, dataset_text_field="text", packing=cfg.sft.packing,
                          packing_strategy="bfd")
-        trainer = sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+        trainer = sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({column: texts}),
                                       processing_class=tokenizer, callbacks=setup.callbacks,
                                       peft_config=peft_config(cfg.sft.lora))
         dataset = cfg.pairs.dataset if cfg.pairs.source == "dataset" else cfg.data.dataset
