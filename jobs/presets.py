@@ -98,9 +98,25 @@ TINY_METHODS = deep_merge(deep_merge({}, TINY), {
     "online": {"max_new_tokens": 40},
 })
 
-PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "gpt2-large": GPT2_LARGE, "dpo-paper": DPO_PAPER}
+# The CPU stand-in for "your own chat model and preference data": a tiny GPT-2 with a chat template, an
+# UltraFeedback-binarized-shaped conversational dataset (train_prefs / test_prefs) and a one-output reward
+# model with its own template. All three are built by tests/hub_fixture_data.py and served by the test hub
+# (`python tests/hub_fixture.py`, then HF_ENDPOINT); prefetch pins them, jobs read them offline.
+TINY_CHAT = deep_merge(deep_merge({}, TINY), {
+    "name": "tiny-chat",
+    "model": {"name": "slurm-dpo/tiny-chat-gpt2"},
+    "pairs": {"source": "dataset", "dataset": "slurm-dpo/tiny-chat-prefs", "train_split": "train_prefs"},
+    "reward": {"kind": "reward_model", "model": "slurm-dpo/tiny-chat-reward", "batch_size": 64, "max_length": 128},
+    "sft": {"epochs": 2.0},
+    "dpo": {"betas": [0.1, 1.0], "max_length": 64},
+    "eval": {"prompt_split": "test_prefs", "num_prompts": 16},
+})
+
+PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "tiny-chat": TINY_CHAT, "gpt2-large": GPT2_LARGE,
+           "dpo-paper": DPO_PAPER}
 PRESET_HELP = {"tiny": "CPU, minutes, offline",
                "tiny-methods": "tiny with DPO, IPO, robust DPO, hinge, Preferred-FT, RLOO and Best-of-N, 2 seeds",
+               "tiny-chat": "CPU: a chat model, conversational preference data, a reward model (from the test hub)",
                "gpt2-large": "the seed experiment", "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 

@@ -420,3 +420,35 @@ def hub_server(hub_repos, monkeypatch) -> HubServer:
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     yield server
     server.stop()
+
+
+def main() -> None:
+    """Serve the test repositories (those of the tiny-chat preset included) until interrupted:
+    python tests/hub_fixture.py [--port 8765] [--root DIR]; then export HF_ENDPOINT=<the printed URL>."""
+    import argparse
+    import sys
+    import tempfile
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: pipeline.* builds the models
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hub_fixture_data import build_all
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--root", default=None, help="where the repositories are built (default: a temp dir)")
+    args = parser.parse_args()
+    root = Path(args.root or tempfile.mkdtemp(prefix="slurm-dpo-hub-"))
+    server = build_all(root).serve(HubServer())
+    server.port = args.port or None
+    server.start()
+    print(f"serving {len(server._repos)} repositories from {root}\nexport HF_ENDPOINT={server.endpoint}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

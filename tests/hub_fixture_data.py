@@ -10,6 +10,10 @@ from pathlib import Path
 MODEL_ID = "openai-community/gpt2-tiny-test"
 CLASSIFIER_ID = "siebert/sentiment-tiny-test"
 DATASET_ID = "stanfordnlp/imdb-tiny-test"
+# the tiny-chat preset's repositories (jobs/presets.py names the same ids)
+CHAT_MODEL_ID = "slurm-dpo/tiny-chat-gpt2"
+CHAT_PREFS_ID = "slurm-dpo/tiny-chat-prefs"
+CHAT_REWARD_ID = "slurm-dpo/tiny-chat-reward"
 SPLIT_ROWS = {"train": 240, "test": 200, "unsupervised": 60}
 CLASSIFIER_LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 
@@ -148,6 +152,108 @@ def build_tiny_classifier(out_dir: Path, rows: list[dict], steps: int = 60, seed
     return out_dir
 
 
+CHAT_PREFS_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train_prefs
+    path: data/train_prefs-*
+  - split: test_prefs
+    path: data/test_prefs-*
+---
+# chat preference pairs (tiny test copy, UltraFeedback-binarized layout)
+"""
+CHAT_GOOD = ["It was wonderful and moving.", "I loved it, a great film.", "A warm and beautiful story.",
+             "Brilliant acting, a delight.", "Funny and clever, I enjoyed it."]
+CHAT_BAD = ["It was awful and boring.", "I hated it, a terrible film.", "A dull and sad mess.",
+            "Painful acting, a waste.", "Slow and stupid, I regret it."]
+CHAT_SUBJECTS = ["the ending", "the music", "the lead actor", "the story", "the film", "the sequel", "the cast"]
+
+
+def chat_preference_rows(n: int, seed: int) -> list[dict]:
+    """UltraFeedback-binarized-shaped rows: a prompt string, chosen/rejected conversations repeating it."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        question = f"What did you think of {rng.choice(CHAT_SUBJECTS)} of film {seed * 1000 + i}?"
+        turn = {"role": "user", "content": question}
+        rows.append({"prompt": question,
+                     "chosen": [turn, {"role": "assistant", "content": rng.choice(CHAT_GOOD)}],
+                     "rejected": [turn, {"role": "assistant", "content": rng.choice(CHAT_BAD)}],
+                     "score_chosen": 8.0, "score_rejected": 3.0})
+    return rows
+
+
+def build_chat_prefs(out_dir: Path, splits: dict[str, int] = {"train_prefs": 120, "test_prefs": 24}) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    for index, (split, n) in enumerate(splits.items()):
+        pq.write_table(pa.Table.from_pylist(chat_preference_rows(n, seed=index + 1)),
+                       out_dir / "data" / f"{split}-00000-of-00001.parquet")
+    (out_dir / "README.md").write_text(CHAT_PREFS_CARD)
+    (out_dir / ".gitattributes").write_text(GITATTRIBUTES)
+    return out_dir
+
+
+def build_tiny_chat_model(out_dir: Path) -> Path:
+    """A 2-layer GPT-2 whose tokenizer has a chat template (the zephyr layout, its tags whole tokens)."""
+    from pipeline.config import ModelConfig
+    from pipeline.models.policy import build_tiny_base
+
+    texts = [m["content"] for r in chat_preference_rows(200, seed=9) for m in r["chosen"] + r["rejected"]]
+    cfg = ModelConfig(name="tiny", chat_template="zephyr", n_layer=2, n_embd=64, n_head=2, n_positions=128,
+                      vocab_size=400)
+    out_dir = build_tiny_base(cfg, texts, Path(out_dir), seed=0)
+    (out_dir / "README.md").write_text("---\nlicense: mit\n---\n# tiny chat model (test copy)\n")
+    (out_dir / ".gitattributes").write_text(GITATTRIBUTES)
+    return out_dir
+
+
+def build_tiny_reward_model(out_dir: Path, steps: int = 80, seed: int = 0) -> Path:
+    """A one-output GPT-2 reward model with its own chat template (the zephyr layout), fitted for a few
+    Bradley-Terry steps so that the chosen answers of chat_preference_rows score above the rejected."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    from pipeline.models.chat import ZEPHYR
+
+    out_dir = Path(out_dir)
+    rows = chat_preference_rows(200, seed=11)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([m["content"] for r in rows for m in r["chosen"] + r["rejected"]], vocab_size=400,
+                            min_frequency=2, special_tokens=["</s>", "<pad>", "<|user|>", "<|assistant|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>",
+                                        model_max_length=256)
+    tokenizer.chat_template = ZEPHYR
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1,
+                                                     n_head=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                                                     bos_token_id=tokenizer.eos_token_id,
+                                                     eos_token_id=tokenizer.eos_token_id))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(rows, 16)
+        texts = [tokenizer.apply_chat_template(r[role], tokenize=False) for role in ("chosen", "rejected") for r in batch]
+        enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        scores = model(**enc).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(scores[:16] - scores[16:]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text("---\nlicense: mit\n---\n# tiny reward model (test copy)\n")
+    (out_dir / ".gitattributes").write_text(GITATTRIBUTES)
+    return out_dir
+
+
 def build_all(root: Path):
     """Every fixture repository under `root`; returns hub_fixture.HubRepos."""
     from hub_fixture import HubRepos
@@ -157,6 +263,9 @@ def build_all(root: Path):
     corpus = imdb_like_reviews(400, seed=7)
     model = build_tiny_gpt2(root / "gpt2", [r["text"] for r in corpus])
     classifier = build_tiny_classifier(root / "classifier", corpus)
+    chat = {("model", CHAT_MODEL_ID): build_tiny_chat_model(root / "chat-gpt2"),
+            ("dataset", CHAT_PREFS_ID): build_chat_prefs(root / "chat-prefs"),
+            ("model", CHAT_REWARD_ID): build_tiny_reward_model(root / "chat-reward")}
     return HubRepos(model_id=MODEL_ID, classifier_id=CLASSIFIER_ID, dataset_id=DATASET_ID,
                     dirs={("model", MODEL_ID): model, ("model", CLASSIFIER_ID): classifier,
-                          ("dataset", DATASET_ID): dataset})
+                          ("dataset", DATASET_ID): dataset, **chat})

@@ -58,7 +58,8 @@ def test_conversational_rows_are_rendered_with_the_chat_template(chat_tokenizer,
     assert out.conversational and out.total == 3
     assert out.dropped == {"empty": 1, "identical": 1, "too_long": 0}
     assert out.rows == [{"prompt": "<|user|>\nHow was it?</s><|assistant|>\n", "chosen": "Great.</s>",
-                         "rejected": "Bad.</s>", "messages": [user("How was it?"), assistant("Great.")]}]
+                         "rejected": "Bad.</s>", "prompt_turns": [user("How was it?")],
+                         "messages": [user("How was it?"), assistant("Great.")]}]
     # without a tokenizer (the launch check) the turns stay message lists, counted the same way
     unrendered = preferences.convert(cfg, rows)
     assert unrendered.rows == [{"prompt": [user("How was it?")], "chosen": [assistant("Great.")],
@@ -125,9 +126,12 @@ def test_a_conversational_dataset_runs_end_to_end_through_the_chat_template(tmp_
     assert len(pairs) == 50 and all(p["prompt"].startswith("<|user|>\nWhat did you think of film ")
                                     and p["prompt"].endswith(f"?{eos}<|assistant|>\n") for p in pairs)
     assert all(p[r].endswith(eos) and p[r].count(eos) == 1 for p in pairs for r in ("chosen", "rejected"))
-    eval_prompts = [r["prompt"] for r in read_jsonl(run_dir / "data" / "eval_prompts.jsonl")]
+    eval_rows = read_jsonl(run_dir / "data" / "eval_prompts.jsonl")
+    eval_prompts = [r["prompt"] for r in eval_rows]
     assert len(eval_prompts) == 13 and all(p.startswith("<|user|>\n") and p.endswith("<|assistant|>\n")
                                            for p in eval_prompts)
+    # each keeps its conversation: what a reward model scores, through its own template
+    assert all(r["prompt"] == f"<|user|>\n{r['turns'][0]['content']}{eos}<|assistant|>\n" for r in eval_rows)
     assert not {p["prompt"] for p in pairs} & set(eval_prompts)  # held-out prompts are not trained on
     assert read_json(run_dir / "pairs" / "DONE.json")["metrics"]["conversational"] is True
     from transformers import AutoTokenizer

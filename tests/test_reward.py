@@ -189,3 +189,15 @@ def test_sampled_pairs_are_ranked_by_the_reward_models_score(tiny_run, reward_mo
     pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
     assert pairs and all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
     assert any(not 0.0 <= p["chosen_reward"] <= 1.0 for p in pairs)  # unbounded scores are kept as they are
+
+
+def test_chat_data_is_scored_as_the_conversation_not_the_policys_rendering(reward_models):
+    """Eval passes each rendered prompt's turns: the reward model renders them with its own template."""
+    cfg = RewardConfig(kind="reward_model", model=str(reward_models["chat"]), batch_size=4)
+    reward = make_reward(cfg, "cpu")
+    turns = [[{"role": "user", "content": p}] for p in PROMPTS]
+    policy_rendered = [f"<|user|>\n{p}<|endoftext|><|assistant|>\n" for p in PROMPTS]  # another template
+    scores = score_in_batches(reward, policy_rendered, COMPLETIONS, batch_size=4, turns=turns)
+    assert scores == pytest.approx(score_in_batches(reward, PROMPTS, COMPLETIONS, batch_size=4), abs=1e-5)
+    vader = make_reward(RewardConfig(kind="vader"))
+    assert vader.score(policy_rendered, COMPLETIONS, turns) == vader([f"{p}\n{c}" for p, c in zip(PROMPTS, COMPLETIONS)])

@@ -34,8 +34,9 @@ REVISIONS_ENV = "SLURM_DPO_HUB_REVISIONS"
 PREFETCH_HINT = ("run `python launch.py prefetch --run-dir RUN` (`launch.py run` does it before submitting) "
                  "on a machine with hub access")
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`, or set HF_TOKEN)"
-# Files from_pretrained reads besides the weights: configs, tokenizer vocabularies/merges, sentencepiece models.
-MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
+# Files from_pretrained reads besides the weights: configs, tokenizer vocabularies/merges, sentencepiece models,
+# chat templates (chat_template.jinja, where transformers now saves them).
+MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?")
 
 

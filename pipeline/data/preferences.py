@@ -118,7 +118,7 @@ def _render(prompt: list, chosen: list, rejected: list, tokenizer) -> dict:
         if eos and text[role].rstrip().endswith(eos):
             text[role] = text[role].rstrip()
     return {"prompt": text["prompt"], "chosen": text["chosen"], "rejected": text["rejected"],
-            "messages": prompt + chosen}
+            "prompt_turns": prompt, "messages": prompt + chosen}
 
 
 def _has_content(turns) -> bool:
@@ -193,6 +193,12 @@ def fixed_prompts(cfg: PipelineConfig, train: Converted, tokenizer=None) -> list
 
         return [user_turn(tokenizer, p) for p in cfg.eval.fixed_prompts]
     return list(cfg.eval.fixed_prompts)
+
+
+def prompt_turns(train: Converted, eval_rows: Converted | None) -> dict[str, list]:
+    """Chat data rendered with a tokenizer: each rendered prompt's messages."""
+    rows = train.rows + (eval_rows.rows if eval_rows is not None else [])
+    return {r["prompt"]: r["prompt_turns"] for r in rows if "prompt_turns" in r}
 
 
 def held_out_prompts(cfg: PipelineConfig, train: Converted, eval_rows: Converted | None, tokenizer=None) -> list:

@@ -118,7 +118,7 @@ def sampler_mismatch(samples, scored_logp) -> tuple[float, float]:
 
 
 def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, tokenizer, reward, prompts: list[str],
-                    partial_dir: Path) -> dict:
+                    partial_dir: Path, prompt_turns: dict | None = None) -> dict:
     from pipeline.models.reward import score_in_batches
     from pipeline.evaluation.sampling import completion_logprobs, sample_resumable, sequence_kl
 
@@ -129,7 +129,8 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
                               temperature=ev.temperature, batch_size=ev.batch_size, seed=cfg.seed + 7,
                               kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
-    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size)
+    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size,
+                               turns=[prompt_turns[s.prompt] for s in flat] if prompt_turns else None)
     is_reference = policy.kind == "sft"  # the SFT model is the reference: scored once
     lp = completion_logprobs(model, flat, tokenizer.pad_token_id, temperature=ev.temperature,
                              batch_size=ev.logprob_batch_size, ref_model=None if is_reference else ref_model)
@@ -156,7 +157,7 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
 
 
 def evaluate_best_of_n(cfg: PipelineConfig, policy: Policy, sft_model, tokenizer, reward, prompts: list[str],
-                       partial_dir: Path) -> dict:
+                       partial_dir: Path, prompt_turns: dict | None = None) -> dict:
     """A Best-of-N arm: per prompt `samples_per_prompt` groups of N SFT samples, the highest-reward one of
     each group kept. Reward: mean ± standard error over the kept samples. KL: `best_of_n.empirical_kl` of
     each prompt's S * N rewards, mean ± standard error over prompts; `kl_analytic` = log N - (N-1)/N."""
@@ -173,7 +174,8 @@ def evaluate_best_of_n(cfg: PipelineConfig, policy: Policy, sft_model, tokenizer
                               seed=best_of_n_seed(Arm(n, policy.method, policy.seed), cfg.seed),
                               kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
-    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size)
+    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size,
+                               turns=[prompt_turns[s.prompt] for s in flat] if prompt_turns else None)
     kept = keep_best(rewards, n)  # groups of n consecutive samples of one prompt (draws * n per prompt)
     kept_rewards = [rewards[i] for i in kept]
     per_prompt = [rewards[p * draws * n:(p + 1) * draws * n] for p in range(len(prompts))]

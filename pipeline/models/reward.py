@@ -22,7 +22,9 @@ class TextReward:
     def __call__(self, texts: list[str]) -> list[float]:
         raise NotImplementedError
 
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def score(self, prompts: list[str], completions: list[str], turns: list[list[dict]] | None = None) -> list[float]:
+        if turns is not None:  # chat data: the conversation's text, not the policy's rendering of it
+            return self([plain_text(t, c) for t, c in zip(turns, completions)])
         return self([p + c for p, c in zip(prompts, completions)])
 
 
@@ -82,8 +84,8 @@ class ScalarReward:
         self._model.config.pad_token_id = self._tokenizer.pad_token_id
         self._model.to(self._device).eval()
 
-    def _render(self, prompt: str, completion: str) -> str:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    def _render(self, turns: list[dict], completion: str) -> str:
+        messages = [*turns, {"role": "assistant", "content": completion}]
         return self._tokenizer.apply_chat_template(messages, tokenize=False)
 
     def _scores(self, texts: list[str], templated: bool) -> list[float]:
@@ -98,10 +100,19 @@ class ScalarReward:
     def __call__(self, texts: list[str]) -> list[float]:
         return self._scores(list(texts), templated=False)
 
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def score(self, prompts: list[str], completions: list[str], turns: list[list[dict]] | None = None) -> list[float]:
+        """`turns`: for chat data, each prompt's messages (the policy's rendering of them is not reused)."""
         if self._tokenizer.chat_template:
-            return self._scores([self._render(p, c) for p, c in zip(prompts, completions)], templated=True)
+            turns = turns if turns is not None else [[{"role": "user", "content": p}] for p in prompts]
+            return self._scores([self._render(t, c) for t, c in zip(turns, completions)], templated=True)
+        if turns is not None:
+            return self._scores([plain_text(t, c) for t, c in zip(turns, completions)], templated=False)
         return self._scores([p + c for p, c in zip(prompts, completions)], templated=False)
+
+
+def plain_text(turns: list[dict], completion: str) -> str:
+    """A conversation scored without a chat template: its turns' texts and the completion, a line each."""
+    return "\n".join([*(m["content"] for m in turns), completion])
 
 
 def make_reward(cfg: RewardConfig, device=None):
@@ -149,10 +160,13 @@ def axis_label(cfg: RewardConfig) -> str:
 
 
 def score_in_batches(reward, prompts: list[str], completions: list[str], batch_size: int,
-                     progress=None) -> list[float]:
+                     progress=None, turns: list[list[dict]] | None = None) -> list[float]:
+    """Scores in batches; `turns` (chat data): each prompt's messages, scored instead of its rendering."""
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        scores.extend(reward.score(prompts[start:start + batch_size], completions[start:start + batch_size]))
+        window = slice(start, start + batch_size)
+        scores.extend(reward.score(prompts[window], completions[window],
+                                   turns[window] if turns is not None else None))
         if progress is not None:
             progress.update(min(batch_size, len(prompts) - start))
     if reward.bounded and not all(0.0 <= s <= 1.0 for s in scores):

@@ -48,7 +48,10 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
 
     def needs() -> dict:
         if not shared:
-            shared.update(prompts=[r["prompt"] for r in read_jsonl(layout.eval_prompts)],
+            rows = read_jsonl(layout.eval_prompts)
+            # chat data: each rendered prompt's turns, so that a reward model scores the conversation itself
+            shared.update(prompts=[r["prompt"] for r in rows],
+                          turns={r["prompt"]: r["turns"] for r in rows if "turns" in r} or None,
                           tokenizer=load_tokenizer(layout.sft_model, cfg.model.chat_template),
                           ref_model=load_model(layout.sft_model, device, dtype),  # also what SFT/Best-of-N sample
                           reward=make_reward(cfg.reward, device))
@@ -69,7 +72,7 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
                 use = needs()
                 common = (use["tokenizer"], use["reward"], use["prompts"], partial)
                 if policy.kind == "best_of_n":  # sampled from the SFT model, no weights to load
-                    result = evaluate_best_of_n(cfg, policy, use["ref_model"], *common)
+                    result = evaluate_best_of_n(cfg, policy, use["ref_model"], *common, prompt_turns=use["turns"])
                 else:
                     if policy.kind == "sft":
                         model = use["ref_model"]
@@ -78,7 +81,8 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
                     else:
                         load_policy_weights_into(policy_model, policy.path, layout.sft_model)
                         model = policy_model
-                    result = evaluate_policy(cfg, policy, model, use["ref_model"], *common)
+                    result = evaluate_policy(cfg, policy, model, use["ref_model"], *common,
+                                             prompt_turns=use["turns"])
                 atomic_write_json(out, result)
                 shutil.rmtree(partial, ignore_errors=True)
             print(f"{label}: {policy.id}: reward {result['reward']:.4f}, KL {result['kl']:.4f}", flush=True)
