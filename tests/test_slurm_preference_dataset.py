@@ -1,5 +1,6 @@
-"""pairs.source=dataset on the project's real SLURM cluster: a local JSONL file with other column names,
-the tiny model, one DPO arm; the pairs array is one task; a bad column mapping submits nothing."""
+"""pairs.source=dataset on the project's real SLURM cluster: the tiny-chat preset (a chat model, a
+conversational hub dataset, a one-output reward model from the test hub), prefetched with the hub up
+and run with it stopped; the pairs array is one task. A bad column mapping submits nothing."""
 from __future__ import annotations
 
 import json
@@ -8,24 +9,28 @@ import time
 import pytest
 
 from conftest import launch
-from test_preference_dataset import CHEAP, COLUMNS, frontier, write_prefs
+from hub_fixture import hub_repos, hub_server  # noqa: F401 - fixtures
+from test_hub import clean_env  # noqa: F401 - fixture
+from test_preference_dataset import frontier, write_prefs
 from test_slurm_pipeline import (BROKEN, PIPELINE_TIMEOUT_S, POLL_S, cancel_and_drain, failure_logs, queued_jobs_named,
                                  status_rows, submissions, unique_name)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def test_dataset_pairs_run_on_slurm(slurm_cluster, tmp_path):
+def test_a_chat_dataset_runs_on_slurm_with_the_hub_stopped(slurm_cluster, tmp_path, clean_env, hub_server):
     data = write_prefs(tmp_path / "prefs.jsonl")
     run_dir, name = tmp_path / "run", unique_name("tpd")
-    base = ("run", "--preset", "tiny", "--executor", "slurm", "--set", f"name={name}", "--set", "pairs.source=dataset",
-            "--set", f"pairs.dataset={data}")
-    refused = launch(*base, "--run-dir", str(tmp_path / "bad"), "--set", "pairs.columns.prompt=question",
-                     check=False, timeout=180)
+    refused = launch("run", "--preset", "tiny", "--executor", "slurm", "--set", f"name={name}", "--set",
+                     "pairs.source=dataset", "--set", f"pairs.dataset={data}", "--run-dir", str(tmp_path / "bad"),
+                     "--set", "pairs.columns.prompt=question", check=False, timeout=180)
     assert refused.returncode != 0 and "lacks chosen (column 'chosen')" in refused.stderr
     assert not (tmp_path / "bad").exists() and not queued_jobs_named(name)
+    sets = ("--set", f"name={name}", "--set", "eval.samples_per_prompt=2", "--set", "num_threads=1")
+    launch("prefetch", "--preset", "tiny-chat", "--run-dir", str(run_dir), *sets, timeout=180)
+    hub_server.stop()
     try:
-        launch(*base, "--run-dir", str(run_dir), *COLUMNS, *CHEAP, timeout=180)
+        launch("run", "--preset", "tiny-chat", "--executor", "slurm", "--run-dir", str(run_dir), *sets, timeout=180)
         deadline = time.time() + PIPELINE_TIMEOUT_S
         while True:
             rows = status_rows(run_dir)
@@ -40,7 +45,9 @@ def test_dataset_pairs_run_on_slurm(slurm_cluster, tmp_path):
     pairs = [s for s in submissions(run_dir) if s["stage"] == "pairs"]
     assert len(pairs) == 1 and list(pairs[0]["tasks"]) == ["0"]  # one converting task, no sampling shards
     metrics = json.loads((run_dir / "pairs" / "DONE.json").read_text())["metrics"]
-    assert (metrics["pairs"], metrics["dropped_empty"], metrics["dropped_identical"], metrics["dropped_too_long"]) == \
-        (50, 1, 1, 1)
-    assert [r["policy"] for r in frontier(run_dir)][0] == "sft" and len(frontier(run_dir)) >= 2
-    assert [r["summary"] for r in rows if r["stage"] == "pairs_merge"][0].startswith("pairs: 50 pairs from 63 rows")
+    assert (metrics["pairs"], metrics["conversational"], metrics["implicit_prompt"]) == (120, True, False)
+    assert [r["policy"] for r in frontier(run_dir)] == ["sft", "dpo", "dpo"]
+    summary = [r["summary"] for r in rows if r["stage"] == "pairs_merge"][0]
+    assert summary.startswith("pairs: 120 pairs from 120 rows of slurm-dpo/tiny-chat-prefs [train_prefs]")
+    sft = json.loads((run_dir / "eval" / "policies" / "sft.json").read_text())
+    assert sft["n"] == 16 * 2 and any(not 0.0 <= e["reward"] <= 1.0 for e in sft["examples"])  # reward model logits
