@@ -90,7 +90,7 @@ class DataConfig:
             _check(self.max_train_examples >= 1, "data.max_train_examples", "must be >= 1 or null")
 
 
-REWARD_KINDS = ("classifier", "reward_model", "vader")
+REWARD_KINDS = ("classifier", "reward_model", "vader", "none")
 
 
 @dataclass
@@ -98,7 +98,9 @@ class RewardConfig:
     kind: str = doc("Reward: 'classifier' (a transformers text classifier: the probability of positive_label, "
                     "in [0, 1]), 'reward_model' (a sequence-classification model with one output: its score, "
                     "unbounded, of prompt + response through the reward model's own chat template when it has "
-                    "one) or 'vader' (lexicon-based sentiment, offline, in [0, 1]).", "classifier")
+                    "one), 'vader' (lexicon-based sentiment, offline, in [0, 1]) or 'none' (pairs.source=dataset "
+                    "only: eval measures held-out preference accuracy, the implicit reward margin > 0, vs KL).",
+                    "classifier")
     model: str = doc("Classifier or reward model: a hub id or a directory (kind=classifier or reward_model).",
                      "siebert/sentiment-roberta-large-english")
     positive_label: str = doc("kind=classifier: the label whose probability is the reward.", "POSITIVE")
@@ -408,6 +410,12 @@ class PipelineConfig:
                    "or keep the adapter (merge_final=false)")
         _check(not (self.sft.lora.enabled and self.distributed.zero_stage == 3), "sft.lora.enabled",
                "SFT's final/ is the adapter merged into the base, which ZeRO-3 shards; use distributed.zero_stage=2")
+        if self.reward.kind == "none":
+            _check(self.pairs.source == "dataset", "reward.kind", "none needs pairs.source=dataset: sampled pairs are "
+                                                                  "ranked by the reward; set reward.kind")
+            needing = [m for m in self.sweep.methods if METHODS[m].trainer == "online" or not METHODS[m].trains]
+            _check(not needing, "reward.kind", f"none: the method(s) {needing} need a reward; drop them from "
+                                               "sweep.methods or set reward.kind")
         if self.model.name == "tiny":  # its context length is known before anything runs
             self._check_tiny_context()
         for method in self.sweep.methods:

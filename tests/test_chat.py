@@ -120,7 +120,8 @@ def test_a_conversational_dataset_runs_end_to_end_through_the_chat_template(tmp_
     run_dir = tmp_path / "run"
     launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local", "--set",
            "pairs.source=dataset", "--set", f"pairs.dataset={data}", "--set", "eval.num_prompts=13",
-           "--set", "dpo.betas=[0.1]", "--set", "model.chat_template=zephyr", "--set", "num_threads=1")
+           "--set", "dpo.betas=[0.1]", "--set", "model.chat_template=zephyr", "--set", "reward.kind=none",
+           "--set", "num_threads=1")
     eos = "<|endoftext|>"  # the tiny tokenizer's
     pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
     assert len(pairs) == 50 and all(p["prompt"].startswith("<|user|>\nWhat did you think of film ")
@@ -140,11 +141,18 @@ def test_a_conversational_dataset_runs_end_to_end_through_the_chat_template(tmp_
     assert tokenizer.chat_template == ZEPHYR
     assert tokenizer.convert_tokens_to_ids("<|assistant|>") != tokenizer.unk_token_id
     assert len(tokenizer("<|assistant|>")["input_ids"]) == 1  # a whole token, not bytes
+    # no reward model: the y-axis is held-out preference accuracy; the reference against itself ties (0.5)
+    eval_pairs = read_jsonl(run_dir / "data" / "eval_pairs.jsonl")
+    assert len(eval_pairs) == 10 and {p["prompt"] for p in eval_pairs} <= set(eval_prompts)
     rows = list(csvrows(run_dir / "eval" / "frontier.csv"))
     assert [r["policy"] for r in rows] == ["sft"] + ["dpo"] * (len(rows) - 1) and len(rows) >= 2
-    examples = read_json(next((run_dir / "eval" / "policies").glob("sft.json")))["examples"]
+    assert float(rows[0]["reward"]) == 0.5 and float(rows[-1]["reward"]) >= 0.8  # good vs bad answers: learnt
+    assert read_json(run_dir / "eval" / "policies" / "sft.json")["accuracy_pairs"] == 10
+    assert "held-out preference accuracy over 10 pairs" in (run_dir / "eval" / "report.md").read_text()
+    examples = read_json(run_dir / "eval" / "policies" / "sft.json")["examples"]
     fixed = resolve_config("tiny").eval.fixed_prompts
     assert [e["prompt"] for e in examples] == [f"<|user|>\n{p}{eos}<|assistant|>\n" for p in fixed]
+    assert all(e["reward"] is None for e in examples)
 
 
 def csvrows(path):
@@ -152,3 +160,38 @@ def csvrows(path):
 
     with open(path) as f:
         yield from csv.DictReader(f)
+
+
+def test_preference_accuracy_counts_the_implicit_reward_margin(chat_tokenizer):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.evaluation.accuracy import pair_samples, preference_accuracy
+    from pipeline.evaluation.sampling import completion_logprobs
+
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=len(chat_tokenizer), n_positions=64, n_embd=32, n_layer=1,
+                                     n_head=2)).eval()
+    policy = GPT2LMHeadModel(ref.config).eval()  # another random model: margins of both signs
+    pairs = [{"prompt": f"<|user|>\nQ{i}?</s><|assistant|>\n", "chosen": GOOD[i % 4] + "</s>",
+              "rejected": BAD[(i + 1) % 4] + "</s>"} for i in range(12)]
+    same = preference_accuracy(ref, ref, chat_tokenizer, pairs, batch_size=5)
+    assert (same["accuracy"], same["ties"], same["pairs"], same["accuracy_stderr"]) == (0.5, 12, 12, 0.0)
+    got = preference_accuracy(policy, ref, chat_tokenizer, pairs, batch_size=5)
+    pad = chat_tokenizer.pad_token_id
+    samples = pair_samples(chat_tokenizer, pairs)
+    ratio = (completion_logprobs(policy, samples, pad)["logp"] - completion_logprobs(ref, samples, pad)["logp"])
+    margins = ratio[0::2] - ratio[1::2]
+    assert got["accuracy"] == pytest.approx(float((margins > 0).double().mean()))
+    assert got["mean_margin"] == pytest.approx(float(margins.mean()), abs=1e-6) and 0 < got["accuracy"] < 1
+
+
+@pytest.mark.parametrize("sets, message", [
+    ([], "reward.kind: none needs pairs.source=dataset"),
+    (["pairs.source=dataset", "pairs.dataset={data}", "sweep.methods=[dpo,best_of_n]"],
+     r"reward.kind: none: the method\(s\) \['best_of_n'\] need a reward"),
+])
+def test_no_reward_model_is_refused_where_one_is_needed(tmp_path, sets, message):
+    data = write_chat_prefs(tmp_path / "chat.jsonl", n=30)
+    with pytest.raises(ValueError, match=message):
+        resolve_config("tiny", sets=["reward.kind=none", *(s.format(data=data) for s in sets)])

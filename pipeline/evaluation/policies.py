@@ -118,7 +118,9 @@ def sampler_mismatch(samples, scored_logp) -> tuple[float, float]:
 
 
 def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, tokenizer, reward, prompts: list[str],
-                    partial_dir: Path, prompt_turns: dict | None = None) -> dict:
+                    partial_dir: Path, prompt_turns: dict | None = None, eval_pairs: list[dict] | None = None) -> dict:
+    """One policy's reward (or, with `reward` None, its held-out preference accuracy on `eval_pairs`) and
+    its KL to the reference, each with a standard error."""
     from pipeline.models.reward import score_in_batches
     from pipeline.evaluation.sampling import completion_logprobs, sample_resumable, sequence_kl
 
@@ -129,8 +131,9 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
                               temperature=ev.temperature, batch_size=ev.batch_size, seed=cfg.seed + 7,
                               kv_cache=ev.kv_cache, prompt_width=cfg.data.prompt_max_tokens)
     flat = [s for group in groups for s in group]
-    rewards = score_in_batches(reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size,
-                               turns=[prompt_turns[s.prompt] for s in flat] if prompt_turns else None)
+    rewards = None if reward is None else score_in_batches(
+        reward, [s.prompt for s in flat], [s.completion for s in flat], cfg.reward.batch_size,
+        turns=[prompt_turns[s.prompt] for s in flat] if prompt_turns else None)
     is_reference = policy.kind == "sft"  # the SFT model is the reference: scored once
     lp = completion_logprobs(model, flat, tokenizer.pad_token_id, temperature=ev.temperature,
                              batch_size=ev.logprob_batch_size, ref_model=None if is_reference else ref_model)
@@ -143,14 +146,25 @@ def evaluate_policy(cfg: PipelineConfig, policy: Policy, model, ref_model, token
         kl_stderr = mean_and_stderr(lp["logp"] - lp["ref_logp"])[1]
         kl_tokenwise = float(lp["kl_tokenwise"].mean())
     n = len(flat)
-    mean_reward = sum(rewards) / n
-    reward_std = (sum((r - mean_reward) ** 2 for r in rewards) / n) ** 0.5
+    if rewards is None:  # reward.kind=none: the y-axis is held-out preference accuracy
+        from pipeline.evaluation.accuracy import preference_accuracy
+
+        acc = preference_accuracy(model, model if is_reference else ref_model, tokenizer, eval_pairs or [],
+                                  ev.logprob_batch_size)
+        y = {"reward": acc["accuracy"], "reward_std": math.sqrt(acc["accuracy"] * (1 - acc["accuracy"])),
+             "reward_stderr": acc["accuracy_stderr"], "accuracy_pairs": acc["pairs"],
+             "mean_margin": acc["mean_margin"]}
+    else:
+        mean_reward = sum(rewards) / n
+        reward_std = (sum((r - mean_reward) ** 2 for r in rewards) / n) ** 0.5
+        y = {"reward": mean_reward, "reward_std": reward_std,
+             "reward_stderr": stderr_from_population_std(reward_std, n)}
     fixed = set(prompts[:len(cfg.eval.fixed_prompts)])  # eval prompts start with them (rendered for chat data)
-    examples = [{"prompt": g[0].prompt, "completion": g[0].completion, "reward": rewards[i * ev.samples_per_prompt]}
+    examples = [{"prompt": g[0].prompt, "completion": g[0].completion,
+                 "reward": rewards[i * ev.samples_per_prompt] if rewards is not None else None}
                 for i, g in enumerate(groups) if g[0].prompt in fixed]
     return {"policy": policy.kind, "id": policy.id, "beta": policy.beta, **policy.identity(), "step": policy.step,
-            "reward": mean_reward,
-            "reward_std": reward_std, "reward_stderr": stderr_from_population_std(reward_std, n), "kl": kl,
+            **y, "kl": kl,
             "kl_stderr": kl_stderr, "kl_tokenwise": kl_tokenwise, "sampler_mismatch": mismatch,
             "sampler_mismatch_stderr": mismatch_stderr, "n": n,
             "mean_completion_tokens": sum(len(s.completion_ids) for s in flat) / n, "examples": examples}

@@ -116,6 +116,9 @@ def plain_text(turns: list[dict], completion: str) -> str:
 
 
 def make_reward(cfg: RewardConfig, device=None):
+    """The run's reward; None for reward.kind=none (eval then measures held-out preference accuracy)."""
+    if cfg.kind == "none":
+        return None
     if cfg.kind == "vader":
         return VaderReward()
     if cfg.kind == "reward_model":
@@ -136,7 +139,7 @@ def check_reward_model(cfg, prefetched: dict) -> None:
     `classifier` has `positive_label`. The config is read from the local directory or the prefetched
     snapshot (`prefetched`: what `hub.prefetch` returned)."""
     reward = cfg.reward
-    if reward.kind == "vader":
+    if reward.kind in ("vader", "none"):
         return
     from transformers import AutoConfig
 
@@ -151,6 +154,8 @@ def check_reward_model(cfg, prefetched: dict) -> None:
 
 def axis_label(cfg: RewardConfig) -> str:
     """What the frontier's y-axis shows: the reward and its unit."""
+    if cfg.kind == "none":
+        return "held-out preference accuracy (implicit reward margin > 0)"
     if cfg.kind == "vader":
         return "mean reward: VADER sentiment, (compound + 1) / 2 in [0, 1]"
     name = Path(cfg.model).name if Path(cfg.model).expanduser().is_dir() else cfg.model

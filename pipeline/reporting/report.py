@@ -36,7 +36,10 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
     title, strength_header = ("DPO reward vs KL", "β") if only_dpo else ("Reward vs KL", "strength")
     lines = [f"# {title} — run `{cfg.name}`", "",
              f"Model `{cfg.model.name}`, reward `{cfg.reward.kind}`, {results[0]['n']} samples per policy "
-             f"({cfg.eval.num_prompts} prompts × {cfg.eval.samples_per_prompt}).", "",
+             f"({cfg.eval.num_prompts} prompts × {cfg.eval.samples_per_prompt})."
+             + (f" No reward model: the reward column is the held-out preference accuracy over "
+                f"{results[0].get('accuracy_pairs')} pairs (implicit reward margin > 0; a tie counts one half, so "
+                "the SFT reference reads 0.5)." if cfg.reward.kind == "none" else ""), "",
              "![frontier](frontier.png)", "",
              f"| policy | {strength_header} |{' seed |' if seeded else ''} step | reward | KL | n |",
              f"|---|---|{'---|' if seeded else ''}---|---|---|---|"]
@@ -102,6 +105,7 @@ def report_markdown(cfg: PipelineConfig, results: list[dict], training_curves: l
                 title = f"{name} = {strength:g}{seed} (step {r['step']})"
         lines += [f"### {title}", ""]
         for ex in r["examples"]:
-            lines += [f"**Prompt:** “{ex['prompt']}”  ", f"**Generation** (reward {ex['reward']:.2f}): "
+            scored = f" (reward {ex['reward']:.2f})" if ex.get("reward") is not None else ""
+            lines += [f"**Prompt:** “{ex['prompt']}”  ", f"**Generation**{scored}: "
                       f"“{ex['prompt']}{ex['completion']}”", ""]
     return "\n".join(lines) + "\n"

@@ -148,6 +148,11 @@ class RunLayout:
     def eval_prompts(self) -> Path:
         return self.data / "eval_prompts.jsonl"
 
+    @property
+    def eval_pairs(self) -> Path:
+        """pairs.source=dataset: the held-out pairs of the eval prompts (preference accuracy)."""
+        return self.data / "eval_pairs.jsonl"
+
     # stages
     def stage_dir(self, directory: str, task=None) -> Path:
         """`RUN/<directory>`, or the task's own subdirectory when it has one (a DPO arm: `dpo/beta-0.1`).

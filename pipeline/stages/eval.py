@@ -52,6 +52,8 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
             # chat data: each rendered prompt's turns, so that a reward model scores the conversation itself
             shared.update(prompts=[r["prompt"] for r in rows],
                           turns={r["prompt"]: r["turns"] for r in rows if "turns" in r} or None,
+                          # reward.kind=none: held-out pairs, for preference accuracy instead of a reward
+                          eval_pairs=read_jsonl(layout.eval_pairs) if cfg.reward.kind == "none" else None,
                           tokenizer=load_tokenizer(layout.sft_model, cfg.model.chat_template),
                           ref_model=load_model(layout.sft_model, device, dtype),  # also what SFT/Best-of-N sample
                           reward=make_reward(cfg.reward, device))
@@ -82,7 +84,7 @@ def _evaluate(cfg: PipelineConfig, layout: RunLayout, stage_name: str, task, pol
                         load_policy_weights_into(policy_model, policy.path, layout.sft_model)
                         model = policy_model
                     result = evaluate_policy(cfg, policy, model, use["ref_model"], *common,
-                                             prompt_turns=use["turns"])
+                                             prompt_turns=use["turns"], eval_pairs=use["eval_pairs"])
                 atomic_write_json(out, result)
                 shutil.rmtree(partial, ignore_errors=True)
             print(f"{label}: {policy.id}: reward {result['reward']:.4f}, KL {result['kl']:.4f}", flush=True)

@@ -34,7 +34,8 @@ def prepare(cfg: PipelineConfig, layout: RunLayout) -> None:
         return
     tokenizer = load_tokenizer(base_model_path(cfg, layout), cfg.model.chat_template)
     if cfg.pairs.source == "dataset":
-        pair_prompts, eval_rows = dataset_prompts(cfg, tokenizer)
+        pair_prompts, eval_rows, eval_pairs = dataset_prompts(cfg, tokenizer)
+        atomic_write_jsonl(layout.eval_pairs, eval_pairs)
     else:
         held_out = load_reviews(cfg.data, cfg.data.prompt_split, cfg.seed)
         pair_prompts, eval_prompts = make_prompts(held_out, tokenizer, cfg.data, cfg.pairs.num_prompts,
@@ -54,18 +55,22 @@ def tokenizer_texts(cfg: PipelineConfig) -> list[str]:
             for text in ([value] if isinstance(value, str) else [m["content"] for m in value])]
 
 
-def dataset_prompts(cfg: PipelineConfig, tokenizer) -> tuple[list[str], list[dict]]:
-    """pairs.source=dataset: the training pairs' prompts (RLOO's) and the eval prompt rows: fixed, then held
-    out; for chat data each rendered prompt with its `turns` (the messages a reward model scores)."""
+def dataset_prompts(cfg: PipelineConfig, tokenizer) -> tuple[list[str], list[dict], list[dict]]:
+    """pairs.source=dataset: the training pairs' prompts (RLOO's); the eval prompt rows: fixed, then held
+    out, for chat data each rendered prompt with its `turns` (the messages a reward model scores); and
+    the held-out pairs of those prompts (preference accuracy, reward.kind=none)."""
     train, eval_rows = preferences.load(cfg, tokenizer=tokenizer)  # chat data rendered with its template
     held = preferences.held_out_prompts(cfg, train, eval_rows, tokenizer)
     pair_prompts = list(dict.fromkeys(r["prompt"] for r in preferences.training_rows(train, held)))
+    held_set = set(held)
+    eval_pairs = [{role: r[role] for role in ("prompt", "chosen", "rejected")}
+                  for r in (eval_rows if eval_rows is not None else train).rows if r["prompt"] in held_set]
     fixed = preferences.fixed_prompts(cfg, train, tokenizer)
     if not train.conversational:
-        return pair_prompts, [{"prompt": p} for p in fixed + held]
+        return pair_prompts, [{"prompt": p} for p in fixed + held], eval_pairs
     turns = preferences.prompt_turns(train, eval_rows)
     turns.update({rendered: [{"role": "user", "content": p}] for rendered, p in zip(fixed, cfg.eval.fixed_prompts)})
-    return pair_prompts, [{"prompt": p, "turns": turns[p]} for p in fixed + held]
+    return pair_prompts, [{"prompt": p, "turns": turns[p]} for p in fixed + held], eval_pairs
 
 
 def sft_examples(cfg: PipelineConfig, layout: RunLayout, tokenizer) -> dict[str, list]:
