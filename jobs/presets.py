@@ -112,11 +112,58 @@ TINY_CHAT = deep_merge(deep_merge({}, TINY), {
     "eval": {"prompt_split": "test_prefs", "num_prompts": 16},
 })
 
+# The alignment-handbook's Zephyr-7B-beta DPO recipe, values read from its
+# recipes/zephyr-7b-beta/dpo/config_full.yaml (huggingface/alignment-handbook @ 81c66b2c; the same values at
+# 19f03455): alignment-handbook/zephyr-7b-sft-full, HuggingFaceH4/ultrafeedback_binarized train_prefs (eval
+# prompts from test_prefs), beta 0.01, adamw_torch at lr 5e-7, cosine schedule with warmup_ratio 0.1, one
+# epoch, 8 pairs per device x grad_accum 2 on 8 GPUs (128 a step), max_length 1024, bf16, gradient
+# checkpointing, a checkpoint every 100 steps, seed 42. Full fine-tuning runs on ZeRO-3.
+# Not carried over: max_prompt_length 512 (TRL >= 1 has no such field; max_length keeps each sequence's start,
+# and the pairs stage drops and counts pairs longer than max_length instead of truncating them), and the
+# recipe's eval loss on test_prefs (eval here: held-out preference accuracy on test_prefs pairs vs KL, no
+# reward model; set reward.kind=reward_model and reward.model for a reward axis).
+ZEPHYR_DPO = {
+    "name": "zephyr-dpo",
+    "seed": 42,
+    "model": {"name": "alignment-handbook/zephyr-7b-sft-full", "dtype": "bfloat16"},
+    "pairs": {"source": "dataset", "dataset": "HuggingFaceH4/ultrafeedback_binarized", "train_split": "train_prefs"},
+    "reward": {"kind": "none"},
+    "sft": {"enabled": False},
+    "dpo": {"betas": [0.01], "optimizer": "adamw_torch", "learning_rate": 5e-7, "lr_scheduler": "cosine",
+            "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 8, "grad_accum": 2, "max_length": 1024,
+            "save_steps": 100, "logging_steps": 10, "gradient_checkpointing": True},
+    "eval": {"prompt_split": "test_prefs", "num_prompts": 200, "samples_per_prompt": 2, "max_new_tokens": 256,
+             "batch_size": 64, "logprob_batch_size": 8, "fixed_prompts": []},
+    "wandb": {"enabled": True, "mode": "offline"},
+    "distributed": {"zero_stage": 3},
+    "slurm": {"sft": {"cpus_per_task": 4, "mem": "32G", "time": "01:00:00"},
+              "pairs": {"cpus_per_task": 8, "mem": "32G", "time": "01:00:00"},
+              "dpo": {"gpus_per_node": 8, "cpus_per_task": 8, "mem": "512G", "time": "24:00:00"},
+              "eval": {**GPU_JOB, "mem": "128G", "time": "08:00:00"}},
+}
+
+# Its LoRA variant: the adapter and optimiser of the handbook's recipes/zephyr-7b-beta/dpo/config_lora.yaml
+# (@ e4f98e7d): r 64, alpha 16, dropout 0.1 on q/k/v/o_proj, beta 0.1, rmsprop at lr 5e-7, linear schedule,
+# warmup_ratio 0.1, 3 epochs, 2 pairs per device x grad_accum 32. That recipe starts from the SFT *adapter*
+# (zephyr-7b-sft-lora); this one from the full SFT model, so the reference is that model (the adapter
+# disabled, no second copy). ZeRO-2: LoRA with ZeRO-3 is not tested here.
+ZEPHYR_DPO_LORA = deep_merge(deep_merge({}, ZEPHYR_DPO), {
+    "name": "zephyr-dpo-lora",
+    "dpo": {"betas": [0.1], "optimizer": "rmsprop", "learning_rate": 5e-7, "lr_scheduler": "linear",
+            "warmup_ratio": 0.1, "epochs": 3.0, "batch_size": 2, "grad_accum": 32,
+            "lora": {"enabled": True, "r": 64, "alpha": 16.0, "dropout": 0.1,
+                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+    "distributed": {"zero_stage": 2},
+    "slurm": {"dpo": {"mem": "256G"}},
+})
+
 PRESETS = {"tiny": TINY, "tiny-methods": TINY_METHODS, "tiny-chat": TINY_CHAT, "gpt2-large": GPT2_LARGE,
-           "dpo-paper": DPO_PAPER}
+           "dpo-paper": DPO_PAPER, "zephyr-dpo": ZEPHYR_DPO, "zephyr-dpo-lora": ZEPHYR_DPO_LORA}
 PRESET_HELP = {"tiny": "CPU, minutes, offline",
                "tiny-methods": "tiny with DPO, IPO, robust DPO, hinge, Preferred-FT, RLOO and Best-of-N, 2 seeds",
                "tiny-chat": "CPU: a chat model, conversational preference data, a reward model (from the test hub)",
+               "zephyr-dpo": "the alignment-handbook's Zephyr-7B-beta DPO recipe, full fine-tuning, ZeRO-3",
+               "zephyr-dpo-lora": "zephyr-dpo with the handbook's LoRA DPO recipe (adapter, rmsprop, 3 epochs)",
                "gpt2-large": "the seed experiment", "dpo-paper": "the DPO paper's IMDb setup (App. B, C.1)"}
 
 

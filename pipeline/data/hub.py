@@ -74,7 +74,8 @@ def references(cfg: PipelineConfig) -> list[HubReference]:
     if cfg.model.name != "tiny" and not _local_model_dir(cfg.model.name, "model.name"):
         refs.append(HubReference("model.name", cfg.model.name, "model"))  # policy weights + tokenizer
     validate_dataset_source(cfg.data)  # a missing local file is refused here, not looked up on the hub
-    if cfg.data.dataset != "tiny" and not Path(cfg.data.dataset).expanduser().exists():
+    # the review corpus feeds SFT and the pair prompts; with pairs.source=dataset the preference data does
+    if cfg.pairs.source != "dataset" and cfg.data.dataset != "tiny" and not Path(cfg.data.dataset).expanduser().exists():
         refs.append(HubReference("data.dataset", cfg.data.dataset, "dataset"))
     if cfg.pairs.source == "dataset":  # preference data: a local file/directory, else a hub dataset
         check_local_exists(cfg.pairs.dataset, "pairs.dataset", "trl-lib/ultrafeedback_binarized")
