@@ -110,11 +110,21 @@ def prefetch(cfg: ExperimentConfig, layout: RunLayout, log=print) -> dict:
             if counts["conversational"]:  # message lists need the policy's chat template
                 from pipeline.models.chat import check_chat_template
 
-                check_chat_template(cfg, fetched)
+                check_chat_template(cfg, fetched, f"pairs.dataset={cfg.pairs.dataset}")
             log(f"pairs.dataset: {counts['usable']} usable pairs of {counts['rows']} rows, "
                 f"{counts['held_out_prompts']} prompts held out for eval; dropped {counts['empty']} empty, "
                 f"{counts['identical']} with identical chosen/rejected (rows longer than dpo.max_length are "
                 "counted by the pairs stage)")
+        if cfg.sft.dataset is not None:  # SFT's own data: split, column, usable rows; a template for chat
+            from pipeline.data import sft_data
+
+            counts = sft_data.check_before_submit(cfg, fetched.get("sft.dataset", {}).get("path"))
+            if counts["conversational"]:
+                from pipeline.models.chat import check_chat_template
+
+                check_chat_template(cfg, fetched, f"sft.dataset={cfg.sft.dataset}")
+            log(f"sft.dataset: {counts['usable']} usable {'conversations' if counts['conversational'] else 'texts'} "
+                f"of {counts['rows']} rows (dropped {counts['empty']} empty)")
         check_lora_targets(cfg, fetched)  # reads the prefetched model's config: LoRA targets it lacks
         check_reward_model(cfg, fetched)  # a reward model with one output; a classifier's label
         return fetched

@@ -172,6 +172,7 @@ class SFTConfig(TrainConfig, SFTSourceConfig):
 
     def __post_init__(self):
         self._check_train("sft")
+        self._check_sft_source()
         _check(not (self.packing and self.group_by_length), "sft.group_by_length",
                "has nothing to group when sft.packing=true (packed rows are all max_length); set one of them")
 

@@ -17,6 +17,19 @@ class SFTSourceConfig:
                         "reference (of DPO and of eval); the sft stage only prepares the prompts (and the tiny "
                         "base model). With pairs.source=dataset SFT trains on prompt + chosen of the preference "
                         "training split, else on data.dataset's reviews.", True)
+    dataset: str | None = doc("SFT on its own data (the handbook's Zephyr flow: UltraChat, then DPO): a hub dataset "
+                              "id or a local .jsonl/.json/.parquet/.csv file or directory with a `messages` column "
+                              "(conversations, rendered by the chat template) or a `text` column. null: the "
+                              "reviews, or prompt + chosen of the preference data (pairs.source=dataset).", None)
+    split: str = doc("sft.dataset: the split SFT trains on (UltraChat 200k: train_sft).", "train")
+
+    def _check_sft_source(self):
+        if self.dataset is not None:
+            from pipeline.data.sources import check_local_exists
+
+            _check(self.enabled, "sft.dataset", "is set but sft.enabled=false: drop sft.dataset or enable SFT")
+            check_local_exists(self.dataset, "sft.dataset", "HuggingFaceH4/ultrachat_200k")
+            _check(bool(self.split), "sft.split", "must name a split of sft.dataset, e.g. train_sft")
 
 
 

@@ -112,16 +112,50 @@ def test_bad_chat_settings_are_refused_before_any_job(tmp_path):
     assert "model.chat_template: 'llama9' is neither a named template (zephyr) nor an existing Jinja file" in proc.stderr
 
 
+def write_chat_sft(path, n=80):
+    """UltraChat-style SFT rows: a `messages` conversation each (two of them empty)."""
+    rng = random.Random(1)
+    rows = [{"messages": [user(f"Tell me about film {i}."), assistant(rng.choice(GOOD + BAD))]} for i in range(n)]
+    rows += [{"messages": []}, {"messages": [user("?"), assistant(" ")]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_sft_datasets_are_refused_before_any_job(tmp_path):
+    data = write_chat_prefs(tmp_path / "chat.jsonl", n=30)
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"question": "hi", "answer": "yo"}) + "\n")
+    run_dir = tmp_path / "run"
+    base = ["run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local", "--set",
+            "pairs.source=dataset", "--set", f"pairs.dataset={data}", "--set", "eval.num_prompts=5",
+            "--set", "model.chat_template=zephyr"]
+    for sets, message in (
+            (["sft.dataset=" + str(tmp_path / "plain.jsonl")],
+             "sft.dataset: .* split 'train' has neither a `messages` nor a `text` column; its columns: question, answer"),
+            (["sft.dataset=" + str(write_chat_sft(tmp_path / "sft.jsonl")), "sft.split=train_sft"],
+             r"sft.split: sft.dataset=.* has no split 'train_sft'; its splits: train"),
+            (["sft.dataset=" + str(tmp_path / "sft.jsonl"), "sft.enabled=false"],
+             "sft.dataset: is set but sft.enabled=false")):
+        proc = launch(*base, *(a for s in sets for a in ("--set", s)), check=False, timeout=300)
+        assert proc.returncode != 0 and not run_dir.exists(), proc.stderr
+        import re
+
+        assert re.search(message, proc.stderr.strip().splitlines()[-1]), proc.stderr
+
+
 @pytest.mark.slow
 def test_a_conversational_dataset_runs_end_to_end_through_the_chat_template(tmp_path):
+    """Chat data through the template, SFT on its own conversations (sft.dataset), no reward model."""
     from pipeline.rundir.layout import read_json, read_jsonl
 
     data = write_chat_prefs(tmp_path / "chat.jsonl")
+    sft_data = write_chat_sft(tmp_path / "sft.jsonl")
     run_dir = tmp_path / "run"
     launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local", "--set",
            "pairs.source=dataset", "--set", f"pairs.dataset={data}", "--set", "eval.num_prompts=13",
            "--set", "dpo.betas=[0.1]", "--set", "model.chat_template=zephyr", "--set", "reward.kind=none",
-           "--set", "num_threads=1")
+           "--set", f"sft.dataset={sft_data}", "--set", "num_threads=1")
+    sft_done = read_json(run_dir / "sft" / "DONE.json")
+    assert (sft_done["inputs"]["dataset"], sft_done["inputs"]["train_examples"]) == (str(sft_data), 80)
     eos = "<|endoftext|>"  # the tiny tokenizer's
     pairs = read_jsonl(run_dir / "pairs" / "pairs.jsonl")
     assert len(pairs) == 50 and all(p["prompt"].startswith("<|user|>\nWhat did you think of film ")

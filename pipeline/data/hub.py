@@ -81,6 +81,9 @@ def references(cfg: PipelineConfig) -> list[HubReference]:
         check_local_exists(cfg.pairs.dataset, "pairs.dataset", "trl-lib/ultrafeedback_binarized")
         if not Path(cfg.pairs.dataset).expanduser().exists():
             refs.append(HubReference("pairs.dataset", cfg.pairs.dataset, "dataset"))
+    if cfg.sft.dataset is not None:  # SFT's own data
+        if not Path(cfg.sft.dataset).expanduser().exists():
+            refs.append(HubReference("sft.dataset", cfg.sft.dataset, "dataset"))
     if cfg.reward.kind in ("classifier", "reward_model") and not _local_model_dir(cfg.reward.model, "reward.model"):
         refs.append(HubReference("reward.model", cfg.reward.model, "model"))
     return refs

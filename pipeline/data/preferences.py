@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.source_config import PAIR_ROLES
@@ -33,35 +32,10 @@ class Converted:
 
 
 def open_split(cfg: PipelineConfig, split: str, split_fields: str, snapshot: str | None = None):
-    """One split of pairs.dataset as a `datasets.Dataset`: a local file/directory, or a hub id read from
-    `snapshot` (at launch) or from the job's prefetched snapshot (pipeline.data.hub.resolve)."""
+    """One split of pairs.dataset as a `datasets.Dataset` (see sources.open_dataset_split)."""
     from pipeline.data import sources
 
-    path = Path(cfg.pairs.dataset).expanduser()
-    if path.exists():
-        return sources.load_local_split(path, split, FIELD, split_fields)
-    if snapshot is None:
-        from pipeline.data.hub import resolve
-
-        snapshot = resolve(cfg.pairs.dataset, "dataset")
-    if snapshot == cfg.pairs.dataset:  # not in a job and not prefetched: datasets downloads it
-        import datasets
-
-        return datasets.load_dataset(cfg.pairs.dataset, split=split)
-    _check_hub_split(snapshot, split, split_fields, cfg.pairs.dataset)
-    return sources.load_snapshot_split(snapshot, cfg.pairs.dataset, split, FIELD, split_fields)
-
-
-def _check_hub_split(snapshot: str, split: str, split_fields: str, dataset_id: str) -> None:
-    import datasets
-
-    try:
-        names = datasets.get_dataset_split_names(snapshot)
-    except Exception:  # noqa: BLE001 - the loader then reports its own error
-        return
-    if split not in names:
-        raise ValueError(f"{split_fields}: {FIELD}={dataset_id} has no split {split!r}; its splits: "
-                         f"{', '.join(names)}")
+    return sources.open_dataset_split(cfg.pairs.dataset, FIELD, split, split_fields, snapshot)
 
 
 def column_names(cfg: PipelineConfig) -> dict[str, str]:

@@ -88,6 +88,37 @@ def load_snapshot_split(snapshot: str, dataset_id: str, split: str, field: str, 
                          "of its splits") from error
 
 
+def open_dataset_split(name: str, field: str, split: str, split_fields: str, snapshot: str | None = None):
+    """One split of a dataset named by a config field (`field`: pairs.dataset, sft.dataset) as a
+    `datasets.Dataset`: a local file/directory, or a hub id read from `snapshot` (at launch) or from the
+    job's prefetched snapshot (pipeline.data.hub.resolve); a split it lacks is refused, naming its splits."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return load_local_split(path, split, field, split_fields)
+    if snapshot is None:
+        from pipeline.data.hub import resolve
+
+        snapshot = resolve(name, "dataset")
+    if snapshot == name:  # not in a job and not prefetched: datasets downloads it
+        import datasets
+
+        return datasets.load_dataset(name, split=split)
+    _check_hub_split(snapshot, split, split_fields, name, field)
+    return load_snapshot_split(snapshot, name, split, field, split_fields)
+
+
+def _check_hub_split(snapshot: str, split: str, split_fields: str, dataset_id: str, field: str) -> None:
+    import datasets
+
+    try:
+        names = datasets.get_dataset_split_names(snapshot)
+    except Exception:  # noqa: BLE001 - the loader then reports its own error
+        return
+    if split not in names:
+        raise ValueError(f"{split_fields}: {field}={dataset_id} has no split {split!r}; its splits: "
+                         f"{', '.join(names)}")
+
+
 def split_files(path: Path, split: str) -> list[Path]:
     """The files of a local review dataset that hold `split`: a single file or a flat directory has one
     split; in a directory, files named after splits (train.jsonl, test-00000.parquet) are used as such."""

@@ -62,21 +62,22 @@ def user_turn(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-def check_chat_template(cfg, prefetched: dict) -> None:
+def check_chat_template(cfg, prefetched: dict, source: str) -> None:
     """Before anything is submitted, for conversational data: the policy tokenizer has a chat template
-    (model.chat_template, else its own). Read from the local directory or the prefetched snapshot."""
+    (model.chat_template, else its own). Read from the local directory or the prefetched snapshot;
+    `source` names the conversational data (e.g. "pairs.dataset=org/prefs") in the message."""
     m = cfg.model
     if m.chat_template is not None:
         return
     fix = ("set model.chat_template to a named template (" + ", ".join(NAMED_TEMPLATES) + ") or a Jinja file, "
            "e.g. --set model.chat_template=zephyr")
     if m.name == "tiny":
-        raise ValueError(f"model.chat_template: pairs.dataset={cfg.pairs.dataset} is conversational (message lists) "
+        raise ValueError(f"model.chat_template: {source} is conversational (message lists) "
                          f"and the tiny model's tokenizer has no chat template; {fix}")
     from transformers import AutoTokenizer
 
     entry = prefetched.get("model.name")
     tokenizer = AutoTokenizer.from_pretrained(entry["path"] if entry else str(Path(m.name).expanduser()))
     if not tokenizer.chat_template:
-        raise ValueError(f"model.chat_template: pairs.dataset={cfg.pairs.dataset} is conversational (message lists) "
+        raise ValueError(f"model.chat_template: {source} is conversational (message lists) "
                          f"and the tokenizer of {m.name} has no chat template; {fix}")

@@ -46,13 +46,19 @@ def prepare(cfg: PipelineConfig, layout: RunLayout) -> None:
 
 
 def tokenizer_texts(cfg: PipelineConfig) -> list[str]:
-    """What the tiny model's tokenizer is trained on: the reviews, or the preference data's own text."""
+    """What the tiny model's tokenizer is trained on: the reviews, or the preference data's own text; and
+    sft.dataset's, when SFT has its own."""
+    extra = []
+    if cfg.sft.dataset is not None:
+        from pipeline.data import sft_data
+
+        extra = sft_data.texts_for_a_tokenizer(cfg)
     if cfg.pairs.source != "dataset":
-        return load_reviews(cfg.data, cfg.data.train_split, cfg.seed)
+        return load_reviews(cfg.data, cfg.data.train_split, cfg.seed) + extra
     train, eval_rows = preferences.load(cfg)  # chat data unrendered: the texts of its messages
     rows = train.rows + (eval_rows.rows if eval_rows is not None else [])
     return [text for row in rows for value in (row["prompt"], row["chosen"], row["rejected"])
-            for text in ([value] if isinstance(value, str) else [m["content"] for m in value])]
+            for text in ([value] if isinstance(value, str) else [m["content"] for m in value])] + extra
 
 
 def dataset_prompts(cfg: PipelineConfig, tokenizer) -> tuple[list[str], list[dict], list[dict]]:
@@ -77,6 +83,10 @@ def sft_examples(cfg: PipelineConfig, layout: RunLayout, tokenizer) -> dict[str,
     """SFT's dataset columns: `text`, the reviews or prompt + chosen of the preference training rows
     (eval prompts left out); for chat data `messages`, prompt + chosen turns, which TRL renders with
     the tokenizer's chat template (and tokenizes without adding its special tokens twice)."""
+    if cfg.sft.dataset is not None:  # SFT's own data (pipeline.data.sft_data)
+        from pipeline.data import sft_data
+
+        return sft_data.examples(cfg, sft_data.open_split(cfg))[0]
     if cfg.pairs.source != "dataset":
         return {"text": load_reviews(cfg.data, cfg.data.train_split, cfg.seed)}
     train, _ = preferences.load(cfg, tokenizer=tokenizer)
@@ -129,7 +139,7 @@ def run(cfg: PipelineConfig, layout: RunLayout) -> dict:
         trainer = sft_trainer_class()(model=model, args=args, train_dataset=Dataset.from_dict({column: texts}),
                                       processing_class=tokenizer, callbacks=setup.callbacks,
                                       peft_config=peft_config(cfg.sft.lora))
-        dataset = cfg.pairs.dataset if cfg.pairs.source == "dataset" else cfg.data.dataset
+        dataset = cfg.sft.dataset or (cfg.pairs.dataset if cfg.pairs.source == "dataset" else cfg.data.dataset)
         return BuiltTrainer(trainer, tokenizer, {"model": base_model_path(cfg, layout), "dataset": dataset,
                                                  "train_examples": len(texts), "lora": cfg.sft.lora.enabled})
 
