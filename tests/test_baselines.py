@@ -12,6 +12,7 @@ from pipeline.evaluation.best_of_n import analytic_kl, empirical_kl, keep_best
 from pipeline.config import PipelineConfig
 from pipeline.configlib import from_dict
 from pipeline.registry import Arm
+from pipeline.models.reward import TextReward
 from test_fast_paths import dpo_rows, grads, tiny_gpt2, word_tokenizer
 
 
@@ -91,7 +92,7 @@ def test_keep_best_keeps_the_first_maximum_of_each_group():
         keep_best(rewards, 5)
 
 
-class LengthReward:
+class LengthReward(TextReward):
     """A fake reward: the completion's length in characters / 1000, recording every text it scores."""
 
     def __init__(self, prompts):
