@@ -30,7 +30,9 @@ def bench_reward(ctx: Context) -> list[dict]:
 
     def project():
         reward = ClassifierReward(reward_cfg, device)  # bfloat16 on a GPU
-        return (lambda batch: score_in_batches(reward, batch, reward_cfg.batch_size)), reward._pipe.model.dtype
+        # whole texts: the prompt is the text, the completion empty (scored as prompt + completion)
+        return (lambda batch: score_in_batches(reward, batch, [""] * len(batch), reward_cfg.batch_size)), \
+            reward._pipe.model.dtype
 
     variants = [("baseline", "transformers pipeline defaults: {dtype}, batch_size 1", baseline),
                 ("project", f"ClassifierReward + score_in_batches: {{dtype}}, batch {reward_cfg.batch_size}, "
