@@ -1,6 +1,6 @@
 """pairs.source=dataset on the project's real SLURM cluster: the tiny-chat preset (a chat model, a
-conversational hub dataset, a one-output reward model from the test hub), prefetched with the hub up
-and run with it stopped; the pairs array is one task. A bad column mapping submits nothing."""
+conversational hub dataset, a one-output reward model from the test hub) with LoRA arms, prefetched with
+the hub up and run with it stopped; the pairs array is one task. A bad column mapping submits nothing."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,9 @@ def test_a_chat_dataset_runs_on_slurm_with_the_hub_stopped(slurm_cluster, tmp_pa
                      "--set", "pairs.columns.prompt=question", check=False, timeout=180)
     assert refused.returncode != 0 and "lacks chosen (column 'chosen')" in refused.stderr
     assert not (tmp_path / "bad").exists() and not queued_jobs_named(name)
-    sets = ("--set", f"name={name}", "--set", "eval.samples_per_prompt=2", "--set", "num_threads=1")
+    # LoRA arms here (the local tiny-chat test runs full and LoRA ones): one adapter per arm of the array
+    sets = ("--set", f"name={name}", "--set", "eval.samples_per_prompt=2", "--set", "num_threads=1",
+            "--set", "dpo.lora.enabled=true")
     launch("prefetch", "--preset", "tiny-chat", "--run-dir", str(run_dir), *sets, timeout=180)
     hub_server.stop()
     try:
@@ -47,6 +49,9 @@ def test_a_chat_dataset_runs_on_slurm_with_the_hub_stopped(slurm_cluster, tmp_pa
     metrics = json.loads((run_dir / "pairs" / "DONE.json").read_text())["metrics"]
     assert (metrics["pairs"], metrics["conversational"], metrics["implicit_prompt"]) == (120, True, False)
     assert [r["policy"] for r in frontier(run_dir)] == ["sft", "dpo", "dpo"]
+    for beta in ("0.1", "1.0"):
+        final = run_dir / "dpo" / f"beta-{beta}" / "final"
+        assert (final / "adapter_model.safetensors").is_file() and not list(final.glob("model*.safetensors"))
     summary = [r["summary"] for r in rows if r["stage"] == "pairs_merge"][0]
     assert summary.startswith("pairs: 120 pairs from 120 rows of slurm-dpo/tiny-chat-prefs [train_prefs]")
     sft = json.loads((run_dir / "eval" / "policies" / "sft.json").read_text())
