@@ -108,6 +108,19 @@ def build_tiny_gpt2(out_dir: Path, texts: list[str]) -> Path:
     return out_dir
 
 
+def fit(model, steps: int, batch_loss) -> None:
+    """A few AdamW steps on `batch_loss()` (a fresh batch each call); leaves the model in eval mode."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch_loss().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
 def build_tiny_classifier(out_dir: Path, rows: list[dict], steps: int = 60, seed: int = 0) -> Path:
     """A tiny RobertaForSequenceClassification (NEGATIVE/POSITIVE) with a RoBERTa BPE tokenizer,
     trained for a few steps on `rows` so that positive reviews score higher than negative ones."""
@@ -133,18 +146,15 @@ def build_tiny_classifier(out_dir: Path, rows: list[dict], steps: int = 60, seed
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            id2label=dict(CLASSIFIER_LABELS), label2id={v: k for k, v in CLASSIFIER_LABELS.items()})
     model = RobertaForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
-    model.train()
-    for _ in range(steps):
+
+    def batch_loss():
         batch = rng.sample(rows, 32)
         enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True, max_length=64,
                         return_tensors="pt")
-        loss = model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+        return model(**enc, labels=torch.tensor([r["label"] for r in batch])).loss
+
+    fit(model, steps, batch_loss)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").write_text("---\nlanguage: en\n---\n# sentiment classifier (tiny test copy)\n")
@@ -152,17 +162,14 @@ def build_tiny_classifier(out_dir: Path, rows: list[dict], steps: int = 60, seed
     return out_dir
 
 
-CHAT_PREFS_CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train_prefs
-    path: data/train_prefs-*
-  - split: test_prefs
-    path: data/test_prefs-*
----
-# chat preference pairs (tiny test copy, UltraFeedback-binarized layout)
-"""
+def split_card(title: str, splits=("train_prefs", "test_prefs")) -> str:
+    """A dataset card naming one parquet file pattern per split (how UltraFeedback-binarized declares its splits)."""
+    files = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in splits)
+    return f"---\nconfigs:\n- config_name: default\n  data_files:\n{files}---\n# {title}\n"
+
+
+CHAT_PREFS_CARD = split_card("chat preference pairs (tiny test copy, UltraFeedback-binarized layout)")
+
 CHAT_GOOD = ["It was wonderful and moving.", "I loved it, a great film.", "A warm and beautiful story.",
              "Brilliant acting, a delight.", "Funny and clever, I enjoyed it."]
 CHAT_BAD = ["It was awful and boring.", "I hated it, a terrible film.", "A dull and sad mess.",
@@ -234,19 +241,16 @@ def build_tiny_reward_model(out_dir: Path, steps: int = 80, seed: int = 0) -> Pa
                                                      n_head=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
                                                      bos_token_id=tokenizer.eos_token_id,
                                                      eos_token_id=tokenizer.eos_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
-    model.train()
-    for _ in range(steps):
+
+    def batch_loss():  # Bradley-Terry: chosen above rejected
         batch = rng.sample(rows, 16)
         texts = [tokenizer.apply_chat_template(r[role], tokenize=False) for role in ("chosen", "rejected") for r in batch]
         enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         scores = model(**enc).logits[:, 0]
-        loss = -torch.nn.functional.logsigmoid(scores[:16] - scores[16:]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+        return -torch.nn.functional.logsigmoid(scores[:16] - scores[16:]).mean()
+
+    fit(model, steps, batch_loss)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").write_text("---\nlicense: mit\n---\n# tiny reward model (test copy)\n")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from hub_fixture import hub_repos, hub_server  # noqa: F401 - fixtures
+from hub_fixture_data import split_card
 from jobs import launcher
 from jobs.config import resolve_config
 from pipeline.data import hub, preferences
@@ -13,17 +14,7 @@ from pipeline.rundir.layout import RunLayout
 from test_hub import clean_env, forbid_all_network, no_outside_network  # noqa: F401 - fixtures
 
 PREFS_ID = "someone/prefs-tiny-test"
-CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train_prefs
-    path: data/train_prefs-*
-  - split: test_prefs
-    path: data/test_prefs-*
----
-# preference pairs (tiny test copy)
-"""
+CARD = split_card("preference pairs (tiny test copy)")
 
 
 def build_prefs_repo(root):

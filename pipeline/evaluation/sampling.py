@@ -262,7 +262,8 @@ def completion_logprobs(model, samples: list[Sample], pad_id: int, *, temperatur
         picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
         out["logp"].append((picked * weight).sum(-1).cpu())
         if ref_model is not None:
-            ref_logprobs = token_logprobs(ref_model, heads["ref"])
+            # the reference against itself (the SFT row of a preference-accuracy eval): one forward pass
+            ref_logprobs = logprobs if ref_model is model else token_logprobs(ref_model, heads["ref"])
             ref_picked = ref_logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
             out["ref_logp"].append((ref_picked * weight).sum(-1).cpu())
             step_kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1).double()
