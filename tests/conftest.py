@@ -32,12 +32,57 @@ def launch(*args: str, check: bool = True, timeout: float = 900, env: dict | Non
     return proc
 
 
+# Tests that use the SLURM cluster, or ask its controller in passing, run in one pytest-xdist worker, one after
+# another (pyproject: -n 2): some restart the cluster with other settings, and the time-limit tests want its
+# nodes. The other worker takes every other test, one at a time. The controller decides from node ids alone,
+# so the rule is by module: test_slurm_* and these, which ask the live controller (scontrol, sinfo, sbatch):
+SCHEDULER_MODULES = {"test_array_limits", "test_cost", "test_device_binding", "test_hub_pipeline",
+                     "test_local_data_check", "test_login_node", "test_presets_zephyr", "test_summary"}
+
+
+def uses_the_scheduler(module: str) -> bool:
+    return module.startswith("test_slurm_") or module in SCHEDULER_MODULES
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown when it is not loaded (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTestsInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+            return "slurm" if uses_the_scheduler(module) else nodeid
+
+    return SlurmTestsInOneWorker(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A SLURM test outside those modules would run beside the others: refuse it, naming the fix."""
+    strays = [item.nodeid for item in items if (item.get_closest_marker("slurm") or "slurm_cluster" in item.fixturenames)
+              and not uses_the_scheduler(item.path.stem)]
+    if strays:
+        raise pytest.UsageError(f"SLURM tests outside the scheduler's modules: {strays}; move them into a "
+                                "tests/test_slurm_*.py module or add theirs to conftest.SCHEDULER_MODULES")
+
+
+def shared_tmp_root(tmp_path_factory) -> Path:
+    """A directory every pytest-xdist worker of this session sees (the workers' basetemp's parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """The whole tiny pipeline, run once locally (submitit LocalExecutor jobs) and shared by tests."""
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local",
-           "--set", "num_threads=1")
+    """The whole tiny pipeline, run once locally (submitit LocalExecutor jobs) and shared by tests; built by
+    whichever worker needs it first (the other waits on the lock, then its relaunch skips every done stage)."""
+    from filelock import FileLock
+
+    root = shared_tmp_root(tmp_path_factory)
+    run_dir = root / "tiny" / "run"
+    with FileLock(str(root / "tiny.lock")):
+        run_dir.parent.mkdir(exist_ok=True)
+        launch("run", "--preset", "tiny", "--run-dir", str(run_dir), "--executor", "local",
+               "--set", "num_threads=1")
     return run_dir
 
 

@@ -13,6 +13,7 @@ import pytest
 import submitit
 from submitit.slurm import slurm as submitit_slurm
 
+from conftest import launch
 from pipeline.configlib import from_dict
 from slurm import submit
 from slurm.resources import SlurmResources, parse_time_seconds
@@ -468,3 +469,27 @@ def test_job_log_paths_match_the_rendered_script(tmp_path):
     assert f"--output {folder}/%A_%a_%t_log.out --error {folder}/%A_%a_%t_log.err" in script
     with pytest.raises(ValueError, match=r"^job_id: "):
         submit.job_log_paths(folder, "../x")
+
+
+# a dry run asks the live controller (MaxArraySize), so it lives with the scheduler's tests
+def test_dry_run_for_two_nodes_of_four_gpus(tmp_path):
+    out = launch("run", "--preset", "gpt2-large", "--run-dir", str(tmp_path / "r"), "--executor", "slurm", "--dry-run",
+                 "--set", "slurm.dpo.nodes=2", "--set", "slurm.dpo.gpus_per_node=4", "--set", "slurm.dpo.partition=gpu",
+                 env={"PATH": f"{tmp_path}:{os.environ['PATH']}"} if _no_sbatch(tmp_path) else None).stdout
+    dpo = out.split("# ---- stage dpo")[1].split("# ---- stage")[0]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --array=0-2", "#SBATCH --partition=gpu", "#SBATCH --requeue"):
+        assert line in dpo, dpo
+    assert not (tmp_path / "r").exists()
+
+
+def _no_sbatch(tmp_path: Path) -> bool:
+    """Dry runs need no cluster; where sbatch is missing, put inert stand-ins for it and srun on the PATH."""
+    import shutil
+
+    if shutil.which("sbatch") and shutil.which("srun"):
+        return False
+    for name in ("sbatch", "srun"):
+        (tmp_path / name).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / name).chmod(0o755)
+    return True
